@@ -112,11 +112,10 @@ class RunSpec:
                                    unit="agent steps", scientific=False, min=0)
     obs_dump_count: int = _f(10, "Observations dumped per interval.", unit="observations",
                              scientific=False, min=0, max=1000)
-    env_backend: str = _f("subproc", "Training envs: SB3 SubprocVecEnv/DummyVecEnv or ale-py's "
-                          "AtariVectorEnv.", scientific=False,
-                          choices=("subproc", "dummy", "ale_vector"))
-    engine: str = _f("sb3", "PPO loop: SB3's reference loop or the device-resident fast engine.",
-                     scientific=False, choices=("sb3", "fast"))
+    env_backend: str = _f("subproc", "Training envs: SB3's SubprocVecEnv or DummyVecEnv.",
+                          scientific=False, choices=("subproc", "dummy"))
+    engine: str = _f("sb3", "PPO loop: SB3's own (the reference path).", scientific=False,
+                     choices=("sb3",))
     device: str = _f("auto", "Torch device.", scientific=False, choices=("auto", "cpu", "cuda"))
     torch_threads: int = _f(0, "Torch intra-op threads; 0 lets torch decide.", unit="threads",
                             scientific=False, min=0, max=1024)

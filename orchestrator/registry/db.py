@@ -1,0 +1,199 @@
+"""Engines, sessions and the schema's first-use upgrade.
+
+Several satrl processes may share one registry (a watch loop, a fetch, a queue). SQLite runs in WAL
+mode with a busy timeout, and writers take the write lock at BEGIN (`BEGIN IMMEDIATE`) so that two
+writers queue up instead of failing on lock upgrade. The schema is created or upgraded by Alembic
+on first use, under a lock (a file lock beside the SQLite file, an advisory lock on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from orchestrator.errors import SatrlError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: Arbitrary constant naming satrl's migration lock among PostgreSQL advisory locks.
+PG_MIGRATION_LOCK = 0x5A7A1
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url` with satrl's SQLite settings (WAL, busy timeout, IMMEDIATE writers)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, emit BEGIN (so it can be IMMEDIATE).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        options = connection.get_execution_options()
+        if options.get("satrl_read_only"):
+            connection.exec_driver_sql("PRAGMA query_only=ON")
+            connection.exec_driver_sql("BEGIN")
+        elif options.get("satrl_write"):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+class Registry:
+    """One registry database: its engine, and sessions for reading and writing."""
+
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if upgrade:
+            ensure_schema(self.engine)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A read session; rolled back at the end (use `write()` to change anything)."""
+        with Session(self.engine) as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction: committed at the end, rolled back on any error."""
+        bind = self.engine.execution_options(satrl_write=True)
+        with Session(bind, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextlib.contextmanager
+    def read_only(self) -> Iterator[Session]:
+        """A transaction in which the database itself refuses every change; always rolled back."""
+        bind = self.engine.execution_options(satrl_read_only=True)
+        with Session(bind) as session:
+            try:
+                if not self.is_sqlite:
+                    session.execute(text("SET TRANSACTION READ ONLY"))
+                yield session
+            finally:
+                session.rollback()
+                if self.is_sqlite:
+                    session.connection().exec_driver_sql("PRAGMA query_only=OFF")
+                    session.commit()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(connection: Any = None, url: str | None = None) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+@cache
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise SatrlError(f"no Alembic revisions in {MIGRATIONS_DIR}")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None for an empty database)."""
+    with engine.connect() as connection:
+        try:
+            row = connection.execute(text("SELECT version_num FROM alembic_version")).first()
+        except (OperationalError, SQLAlchemyError):
+            return None
+        return row[0] if row else None
+
+
+def ensure_schema(engine: Engine) -> bool:
+    """Create or upgrade the schema to head; safe when several processes start at once.
+
+    Returns whether an upgrade ran. The common case, a database at head, costs one query.
+    """
+    if current_revision(engine) == head_revision():
+        return False
+    with _migration_lock(engine):
+        if current_revision(engine) == head_revision():
+            return False
+        upgrade(engine, "head")
+        return True
+
+
+def upgrade(engine: Engine, target: str = "head") -> None:
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), target)
+
+
+def downgrade(engine: Engine, target: str = "base") -> None:
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), target)
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    if engine.dialect.name == "sqlite":
+        from filelock import FileLock
+
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with FileLock(f"{database}.migrate.lock", timeout=120):
+            yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": PG_MIGRATION_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PG_MIGRATION_LOCK})
+            connection.commit()
+
+
+def open_registry(url: str | None = None) -> Registry:
+    """The registry of the current workspace (or of `url`), upgraded to head."""
+    if url is None:
+        from orchestrator.settings import settings
+
+        url = settings().database_url
+    return Registry(url)

@@ -1,0 +1,109 @@
+"""Where things live and how jobs are sized: `satrl.toml`, `SATRL_*` variables, defaults.
+
+The workspace is the nearest folder, walking up from the current one, that holds `satrl.toml`;
+without one, the current folder. `SATRL_HOME` overrides both. Defaults inside it: registry
+`.satrl/satrl.db` (SQLite), store `store/`, run directories `runs/`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UsageError
+
+CONFIG_NAME = "satrl.toml"
+
+
+def find_workspace(start: Path | None = None) -> Path:
+    """SATRL_HOME, else the nearest folder upwards holding satrl.toml, else the start folder."""
+    home = os.environ.get("SATRL_HOME")
+    if home:
+        return Path(home).expanduser().resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return here
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration of one workspace."""
+
+    workspace: Path
+    database_url: str
+    store: Path
+    scratch: Path
+    backend: str = "local"
+    experiment: str = "main"
+    #: The whole parsed satrl.toml, for sections owned by one module (schedulers, images).
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A table of satrl.toml (empty when absent)."""
+        value = self.raw.get(name, {})
+        if not isinstance(value, dict):
+            raise UsageError(f"{CONFIG_NAME}: [{name}] must be a table")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def _read_config(workspace: Path) -> dict[str, Any]:
+    path = workspace / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not valid TOML: {error}") from None
+
+
+def _path(workspace: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else workspace / path
+
+
+def load_settings(start: Path | None = None) -> Settings:
+    """Settings of the workspace around `start` (default: the current folder)."""
+    workspace = find_workspace(start)
+    raw = _read_config(workspace)
+    registry = raw.get("registry", {})
+    paths = raw.get("paths", {})
+    dispatch = raw.get("dispatch", {})
+    url = os.environ.get("SATRL_DATABASE_URL") or registry.get("url")
+    if not url:
+        url = f"sqlite:///{workspace / '.satrl' / 'satrl.db'}"
+    url = normalise_database_url(url)
+    store = os.environ.get("SATRL_STORE") or paths.get("store", "store")
+    scratch = os.environ.get("SATRL_SCRATCH") or paths.get("scratch", "runs")
+    return Settings(
+        workspace=workspace,
+        database_url=url,
+        store=_path(workspace, store),
+        scratch=_path(workspace, scratch),
+        backend=os.environ.get("SATRL_BACKEND") or dispatch.get("backend", "local"),
+        experiment=os.environ.get("SATRL_EXPERIMENT") or raw.get("experiment", "main"),
+        raw=raw,
+    )
+
+
+def normalise_database_url(url: str) -> str:
+    """Use psycopg 3 for plain `postgresql://` URLs (SQLAlchemy would pick psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+@cache
+def settings() -> Settings:
+    """The current process's settings, read once."""
+    return load_settings()
