@@ -1,0 +1,115 @@
+"""The Typer app, its shared option types, and the one place errors become exit codes.
+
+Command modules register on `app`; each command parses, calls one service function and renders
+the result with rich (or `--json`). Heavy imports (SQLAlchemy, torch) happen inside commands, so
+`satrl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from orchestrator.errors import SatrlError
+
+app = typer.Typer(
+    name="satrl",
+    help="Run a self-attention deep-RL study on an HPC cluster, with every run in a SQL registry.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# --- option types shared by commands ------------------------------------------------------
+ExperimentOpt = Annotated[
+    str | None,
+    typer.Option("--experiment", "-e", help="Experiment (default: the workspace's, 'main')."),
+]
+GamesOpt = Annotated[
+    str | None,
+    typer.Option("--games", "--game", "-g",
+                 help="all, a comma list (Pong,Breakout) or axis:<class> (axis:horizontal)."),
+]
+AttnOpt = Annotated[
+    str | None, typer.Option("--attn", "-a", help="all or a comma list of NA,SWA,CWRA,CWCA,CWRCA.")
+]
+SeedListOpt = Annotated[
+    str | None, typer.Option("--seed-list", help="Comma list of seeds, e.g. 0,42.")
+]
+StateOpt = Annotated[
+    str | None,
+    typer.Option("--state", "-s", help="Comma list of states (queued, submitted, running, "
+                 "succeeded, failed, cancelled, lost)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")
+]
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout, machine-readable (no rich markup, no wrapping)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` and return the exit code; errors become one line on stderr."""
+    from agents.spec import SpecError
+
+    try:
+        # Standalone mode: typer reports its own usage errors and raises SystemExit.
+        app(args=argv, prog_name="satrl")
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except SatrlError as error:
+        err_console.print(f"[red]satrl:[/red] {error}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except SpecError as error:
+        err_console.print(f"[red]satrl:[/red] {error}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())
+
+
+def current_experiment(experiment: str | None) -> str:
+    """The experiment a command acts on: the option, else the workspace's default."""
+    from orchestrator.settings import settings
+
+    return experiment or settings().experiment
+
+
+def make_filter(
+    experiment: str | None = None,
+    games: str | None = None,
+    attn: str | None = None,
+    seed_list: str | None = None,
+    state: str | None = None,
+    *,
+    default_experiment: bool = True,
+) -> Any:
+    """A RunFilter from the shared options (validated: typos are refused with a suggestion)."""
+    from orchestrator import catalog
+    from orchestrator.registry.queries import RunFilter, parse_states
+
+    return RunFilter(
+        experiment=current_experiment(experiment) if default_experiment else experiment,
+        games=tuple(catalog.parse_games(games)) if games else (),
+        attns=tuple(catalog.parse_attn(attn)) if attn else (),
+        seeds=tuple(catalog.parse_seeds(None, seed_list)) if seed_list else (),
+        states=parse_states(state),
+    )

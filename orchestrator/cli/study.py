@@ -1,0 +1,282 @@
+"""Study commands: queue, status, runs, show, sql."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from orchestrator.cli.app import (
+    AttnOpt,
+    DryRunOpt,
+    ExperimentOpt,
+    GamesOpt,
+    JsonOpt,
+    SeedListOpt,
+    StateOpt,
+    app,
+    console,
+    current_experiment,
+    make_filter,
+    print_json,
+)
+from orchestrator.errors import UsageError
+
+STATE_STYLE = {
+    "queued": "dim", "submitted": "cyan", "running": "yellow", "succeeded": "green",
+    "failed": "red", "cancelled": "magenta", "lost": "red",
+}
+
+
+def _registry() -> Any:
+    from orchestrator.registry.db import open_registry
+
+    return open_registry()
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+@app.command()
+def queue(
+    games: GamesOpt = None,
+    attn: AttnOpt = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="The first N paper seeds "
+                                              "(0, 1, 10, 42, 1234).")] = None,
+    seed_list: SeedListOpt = None,
+    experiment: ExperimentOpt = None,
+    preset: Annotated[str, typer.Option("--preset", help="Spec preset: paper or smoke.")] = "paper",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a spec field: "
+                                                   "KEY=VALUE (repeatable).")] = None,
+    dry_run: DryRunOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Record games x attention types x seeds as queued runs (once: repeating adds nothing)."""
+    from orchestrator import catalog
+    from orchestrator.queueing import QueueRequest, queue_runs
+
+    if games is None or attn is None:
+        raise UsageError("queue needs --games and --attn (e.g. --games all --attn all --seeds 5)")
+    if seeds is not None and seed_list is not None:
+        raise UsageError("give --seeds or --seed-list, not both")
+    request = QueueRequest(
+        experiment=current_experiment(experiment),
+        games=catalog.parse_games(games),
+        attns=catalog.parse_attn(attn),
+        seeds=catalog.parse_seeds(seeds, seed_list),
+        preset=preset,
+        overrides=_parse_sets(set_),
+    )
+    result = queue_runs(_registry(), request, dry_run=dry_run)
+    if json_:
+        print_json(result.to_json())
+        return
+    shape = f"{len(request.games)} games x {len(request.attns)} types x {len(request.seeds)} seeds"
+    verb = "would queue" if dry_run else "queued"
+    if result.added == 0:
+        console.print(f"nothing to add: all {result.requested} runs ({shape}) are already "
+                      f"queued in experiment [bold]{result.experiment}[/bold]")
+    else:
+        plural = "run" if result.added == 1 else "runs"
+        settings_ = f"preset {request.preset}" + (
+            f", {len(request.overrides)} override(s)" if request.overrides else "")
+        console.print(f"{verb} [bold]{result.added}[/bold] {plural} in experiment "
+                      f"[bold]{result.experiment}[/bold] ({shape}; {settings_})"
+                      + (f"; {result.existing} already queued" if result.existing else ""))
+
+
+@app.command()
+def status(
+    experiment: ExperimentOpt = None,
+    games: GamesOpt = None,
+    attn: AttnOpt = None,
+    state: StateOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Counts per state and a game x attention grid of the runs."""
+    from orchestrator.registry.queries import status_summary
+
+    run_filter = make_filter(experiment, games, attn, None, state, default_experiment=False)
+    registry = _registry()
+    with registry.session() as session:
+        summary = status_summary(session, run_filter, with_runs=json_)
+    if json_:
+        print_json(summary.to_json())
+        return
+    if summary.total == 0:
+        console.print("no runs match; queue some with `satrl queue --games ... --attn ...`")
+        return
+    counts = "  ".join(
+        f"[{STATE_STYLE[name]}]{name} {count}[/]" for name, count in summary.counts.items() if count
+    )
+    console.print(f"[bold]{summary.total}[/bold] runs   {counts}")
+    console.print(_grid(summary.grid))
+
+
+def _grid(grid: dict[tuple[str, str], Any]) -> Table:
+    """Games as rows, attention types as columns; a cell is done/total, coloured by its worst."""
+    from orchestrator.catalog import ATTENTION_TYPES, GAMES
+
+    attns = [a for a in ATTENTION_TYPES if any(key[1] == a for key in grid)]
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("game")
+    for attn in attns:
+        table.add_column(attn, justify="right")
+    for game in (g for g in GAMES if any(key[0] == g for key in grid)):
+        cells = []
+        for attn in attns:
+            counter = grid.get((game, attn))
+            if not counter:
+                cells.append("")
+                continue
+            total = sum(counter.values())
+            worst = next(s for s in ("failed", "lost", "cancelled", "running", "submitted",
+                                     "queued", "succeeded") if counter.get(s))
+            cells.append(f"[{STATE_STYLE[worst]}]{counter.get('succeeded', 0)}/{total}[/]")
+        table.add_row(game, *cells)
+    return table
+
+
+@app.command()
+def runs(
+    experiment: ExperimentOpt = None,
+    games: GamesOpt = None,
+    attn: AttnOpt = None,
+    seed_list: SeedListOpt = None,
+    state: StateOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many rows (0: all).")] = 200,
+    json_: JsonOpt = False,
+) -> None:
+    """List runs with their state and attempts."""
+    from sqlalchemy import select
+
+    from orchestrator.registry.models import Experiment, Run
+    from orchestrator.registry.queries import RunFilter
+
+    run_filter: RunFilter = make_filter(experiment, games, attn, seed_list, state,
+                                        default_experiment=False)
+    statement = run_filter.apply(
+        select(Run.id, Experiment.name, Run.game, Run.attn, Run.seed, Run.state, Run.attempts,
+               Run.spec_hash)
+        .join(Experiment, Run.experiment_id == Experiment.id)
+        .order_by(Run.id)
+    )
+    if limit:
+        statement = statement.limit(limit)
+    registry = _registry()
+    with registry.session() as session:
+        rows = session.execute(statement).all()
+    keys = ["id", "experiment", "game", "attn", "seed", "state", "attempts", "spec_hash"]
+    if json_:
+        print_json([dict(zip(keys, row, strict=True)) for row in rows])
+        return
+    table = Table(*keys[:-1], "spec", header_style="bold", box=None)
+    for row in rows:
+        values = [str(v) for v in row]
+        values[5] = f"[{STATE_STYLE.get(row[5], '')}]{row[5]}[/]"
+        values[7] = row[7][:12]
+        table.add_row(*values)
+    console.print(table)
+    if limit and len(rows) == limit:
+        console.print(f"[dim](first {limit}; --limit 0 lists all)[/dim]")
+
+
+@app.command()
+def show(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id or GAME/ATTN/SEED.")],
+    experiment: ExperimentOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """One run: spec, state, jobs, event history and fetched artefacts."""
+    from sqlalchemy import select
+
+    from orchestrator.registry.models import Artifact
+    from orchestrator.registry.queries import resolve_run, run_history
+
+    registry = _registry()
+    with registry.session() as session:
+        run = resolve_run(session, run_ref, current_experiment(experiment))
+        events, jobs = run_history(session, run)
+        artifacts = list(session.scalars(
+            select(Artifact).where(Artifact.run_id == run.id).order_by(Artifact.path)))
+        data: dict[str, Any] = {
+            "id": run.id, "experiment": run.experiment.name, "game": run.game, "attn": run.attn,
+            "seed": run.seed, "state": run.state, "attempts": run.attempts,
+            "spec_hash": run.spec_hash, "run_dir": run.run_dir, "spec": run.spec,
+            "jobs": [
+                {"attempt": j.attempt, "backend": j.backend, "job_id": j.job_id,
+                 "state": j.scheduler_state, "submitted_at": j.submitted_at,
+                 "ended_at": j.ended_at, "exit_status": j.exit_status, "reason": j.reason,
+                 "node": j.node} for j in jobs
+            ],
+            "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "why": e.why}
+                       for e in events],
+            "artifacts": [{"kind": a.kind, "path": a.path, "size_bytes": a.size_bytes,
+                           "sha256": a.sha256, "step": a.step} for a in artifacts],
+        }
+    if json_:
+        print_json(data)
+        return
+    style = STATE_STYLE.get(data["state"], "")
+    console.print(f"[bold]run {data['id']}[/bold]  {data['experiment']} / {data['game']} / "
+                  f"{data['attn']} / seed {data['seed']}   [{style}]{data['state']}[/]   "
+                  f"attempts {data['attempts']}   spec {data['spec_hash'][:12]}")
+    if data["run_dir"]:
+        console.print(f"run directory: {data['run_dir']}")
+    spec = Table("field", "value", box=None, header_style="bold", title="spec")
+    for key, value in data["spec"].items():
+        spec.add_row(key, json.dumps(value))
+    console.print(spec)
+    if data["jobs"]:
+        table = Table("attempt", "backend", "job id", "state", "exit", "reason", "node",
+                      box=None, header_style="bold", title="jobs")
+        for j in data["jobs"]:
+            table.add_row(*(str(j[k]) if j[k] is not None else "" for k in
+                            ("attempt", "backend", "job_id", "state", "exit_status", "reason",
+                             "node")))
+        console.print(table)
+    table = Table("time", "from", "to", "why", box=None, header_style="bold", title="events")
+    for e in data["events"]:
+        table.add_row(str(e["at"])[:19], e["from"] or "", e["to"], e["why"])
+    console.print(table)
+    if data["artifacts"]:
+        table = Table("kind", "path", "bytes", "sha256", box=None, header_style="bold",
+                      title="artefacts in the store")
+        for a in data["artifacts"]:
+            table.add_row(a["kind"], a["path"], str(a["size_bytes"]), a["sha256"][:12])
+        console.print(table)
+
+
+@app.command()
+def sql(
+    statement: Annotated[str, typer.Argument(help="One SQL statement (read-only).")],
+    json_: JsonOpt = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+) -> None:
+    """Run read-only SQL over the registry (views: run_scores, game_table)."""
+    from orchestrator.sqlquery import run_readonly_sql
+
+    result = run_readonly_sql(_registry(), statement)
+    if json_:
+        print_json([dict(zip(result.columns, row, strict=True)) for row in result.rows])
+    elif csv_:
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        table = Table(*result.columns, box=None, header_style="bold")
+        for row in result.rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)

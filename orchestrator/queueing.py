@@ -1,0 +1,160 @@
+"""`satrl queue`: record the cross product games x types x seeds once.
+
+Idempotent and safe under concurrency: runs are inserted with ON CONFLICT DO NOTHING on their
+(experiment, game, attn, seed) key, so two processes queueing the same grid together add each run
+once and the counts they report sum to the grid. A key that exists with another scientific spec
+is refused, naming both hashes, and the transaction rolls back: nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from agents.spec import RunSpec
+from orchestrator import catalog
+from orchestrator.errors import ConflictError
+from orchestrator.registry.db import Registry
+from orchestrator.registry.models import Event, Experiment, Run, RunState
+
+
+@dataclass(frozen=True)
+class QueueRequest:
+    experiment: str
+    games: list[str]
+    attns: list[str]
+    seeds: list[int]
+    preset: str = "paper"
+    overrides: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class QueueResult:
+    experiment: str
+    requested: int
+    added: int
+    existing: int
+    dry_run: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_spec(preset: str, overrides: dict[str, str] | None) -> RunSpec:
+    """The preset with `--set` overrides applied and validated (identity fields excluded)."""
+    identity = {"game", "attn", "seed", "experiment", "run_id"}
+    clash = identity & set(overrides or {})
+    if clash:
+        from orchestrator.errors import UsageError
+
+        raise UsageError(f"--set cannot change {', '.join(sorted(clash))}: use --games, --attn, "
+                         "--seeds or --experiment")
+    return catalog.preset(preset).with_overrides(overrides or {})
+
+
+def run_specs(request: QueueRequest) -> list[RunSpec]:
+    base = resolve_spec(request.preset, request.overrides).replace(experiment=request.experiment)
+    return [base.replace(game=g, attn=a, seed=s)
+            for g in request.games for a in request.attns for s in request.seeds]
+
+
+def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = False) -> QueueResult:
+    """Record the request's runs once; report how many were new."""
+    specs = run_specs(request)
+    # Store the parsed values, so `--set total_timesteps=2e6` and `=2000000` are one experiment.
+    base = resolve_spec(request.preset, request.overrides)
+    overrides = {key: getattr(base, key) for key in request.overrides or {}}
+    if dry_run:
+        with registry.session() as session:
+            existing = _existing(session, request.experiment, specs)
+            _check_same_specs(existing, specs)
+        return QueueResult(request.experiment, len(specs), len(specs) - len(existing),
+                           len(existing), True)
+    with registry.write() as session:
+        experiment = _experiment(session, registry, request.experiment, request.preset, overrides)
+        rows = [
+            {"experiment_id": experiment.id, "game": s.game, "attn": s.attn, "seed": s.seed,
+             "spec": s.to_dict(), "spec_hash": s.spec_hash(), "state": RunState.QUEUED.value,
+             "attempts": 0}
+            for s in specs
+        ]
+        added_ids = _insert_ignoring_existing(session, registry, Run, rows,
+                                              ["experiment_id", "game", "attn", "seed"], Run.id)
+        existing = _existing(session, request.experiment, specs)
+        _check_same_specs(existing, specs)
+        if added_ids:
+            session.execute(
+                Event.__table__.insert(),
+                [{"run_id": rid, "from_state": None, "to_state": RunState.QUEUED.value,
+                  "why": "queued"} for rid in added_ids],
+            )
+    return QueueResult(request.experiment, len(specs), len(added_ids),
+                       len(specs) - len(added_ids), False)
+
+
+def _insert_ignoring_existing(session: Session, registry: Registry, model: Any,
+                              rows: list[dict[str, Any]], key: list[str], returning: Any
+                              ) -> list[Any]:
+    if not rows:
+        return []
+    if registry.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    statement = insert(model).on_conflict_do_nothing(index_elements=key).returning(returning)
+    return list(session.scalars(statement, rows))
+
+
+def _experiment(session: Session, registry: Registry, name: str, preset: str,
+                overrides: dict[str, str]) -> Experiment:
+    _insert_ignoring_existing(
+        session, registry, Experiment,
+        [{"name": name, "preset": preset, "overrides": overrides, "notes": "", "imported": False}],
+        ["name"], Experiment.id,
+    )
+    experiment = session.scalars(select(Experiment).where(Experiment.name == name)).one()
+    if experiment.imported:
+        raise ConflictError(f"experiment {name!r} holds imported results; queue into another "
+                            "--experiment")
+    if experiment.preset != preset or experiment.overrides != overrides:
+        raise ConflictError(
+            f"experiment {name!r} was queued with preset {experiment.preset} and overrides "
+            f"{_fmt(experiment.overrides)}, not {preset} and {_fmt(overrides)}: "
+            "use another --experiment for other settings"
+        )
+    return experiment
+
+
+def _existing(session: Session, experiment: str, specs: list[RunSpec]) -> dict[tuple, str]:
+    """(game, attn, seed) -> spec_hash of the requested keys that are already recorded."""
+    if not specs:
+        return {}
+    keys = {(s.game, s.attn, s.seed) for s in specs}
+    games = sorted({k[0] for k in keys})
+    statement = (
+        select(Run.game, Run.attn, Run.seed, Run.spec_hash)
+        .join(Experiment, Run.experiment_id == Experiment.id)
+        .where(Experiment.name == experiment, Run.game.in_(games))
+    )
+    if len(keys) < 200:
+        statement = statement.where(tuple_(Run.game, Run.attn, Run.seed).in_(sorted(keys)))
+    return {(g, a, s): h for g, a, s, h in session.execute(statement) if (g, a, s) in keys}
+
+
+def _check_same_specs(existing: dict[tuple, str], specs: list[RunSpec]) -> None:
+    for spec in specs:
+        stored = existing.get((spec.game, spec.attn, spec.seed))
+        if stored is not None and stored != spec.spec_hash():
+            raise ConflictError(
+                f"run {spec.game}/{spec.attn}/{spec.seed} of experiment {spec.experiment!r} "
+                f"exists with spec {stored[:12]}, not {spec.spec_hash()[:12]}: queue the new "
+                "settings under another --experiment"
+            )
+
+
+def _fmt(overrides: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "}" \
+        if overrides else "{}"
