@@ -1,0 +1,25 @@
+"""Where a run lives: its run directory on scratch and its folder in the store (ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_relpath(experiment: str, game: str, attn: str, seed: int) -> Path:
+    """`<experiment>/<Game>/<TYPE>/<seed>`: the same below scratch and below the store."""
+    return Path(experiment) / game / attn / str(seed)
+
+
+def run_dir(scratch: Path, experiment: str, game: str, attn: str, seed: int) -> Path:
+    """The run directory the worker writes: `<scratch>/<experiment>/<Game>/<TYPE>/<seed>/`."""
+    return scratch / run_relpath(experiment, game, attn, seed)
+
+
+def store_dir(store: Path, experiment: str, game: str, attn: str, seed: int) -> Path:
+    """Where a run's fetched results live: `<store>/<experiment>/<Game>/<TYPE>/<seed>/`."""
+    return store / run_relpath(experiment, game, attn, seed)
+
+
+def paper_checkpoint_name(game: str, attn: str, seed: int, steps: int) -> str:
+    """The published checkpoint name, e.g. `Pong_CWCA_42_model_checkpoint_3000000_steps.zip`."""
+    return f"{game}_{attn}_{seed}_model_checkpoint_{steps}_steps.zip"
