@@ -6,6 +6,9 @@ the orchestrator builds its selections on top of it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 #: Attention types in the paper's order; NA has no attention block.
 ATTENTION_TYPES: tuple[str, ...] = ("NA", "SWA", "CWRA", "CWCA", "CWRCA")
 
@@ -51,3 +54,34 @@ def game_from_env_id(env_id_: str) -> str:
     if not env_id_.endswith(suffix):
         raise ValueError(f"not a NoFrameskip-v4 env id: {env_id_!r}")
     return env_id_[: -len(suffix)]
+
+
+def nearest(word: str, candidates: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest candidate by edit distance, or ''."""
+    pool = list(candidates)
+    if not pool:
+        return ""
+    key = word.lower()
+    scored = sorted(
+        (_edit_distance(key, c.lower()), -difflib.SequenceMatcher(None, key, c.lower()).ratio(), c)
+        for c in pool
+    )
+    distance, _, best = scored[0]
+    limit = max(1, len(best) // 3)
+    return f" (did you mean {best}?)" if distance <= limit else ""
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance with adjacent transpositions (a swap is one typo)."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = 0 if ca == cb else 1
+            value = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                value = min(value, previous2[j - 2] + 1)
+            current.append(value)
+        previous2, previous = previous, current
+    return previous[-1]

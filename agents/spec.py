@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from agents.catalog import ATTENTION_TYPES, GAMES, env_id
+from agents.catalog import ATTENTION_TYPES, GAMES, env_id, nearest
 
 #: Version of run.json's layout. Bump it when a field is added, renamed or changes meaning.
 SCHEMA_VERSION = 1
@@ -274,10 +274,7 @@ def _parse_value(f: dataclasses.Field[Any], text: str) -> Any:
 
 
 def _suggest(word: str, candidates: Any) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.5)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return nearest(word, [str(c) for c in candidates])
 
 
 #: The paper's protocol (AGENT.md): 1e7 steps, 16 envs, eval every 200k with 5 episodes.

@@ -8,10 +8,15 @@ suggestion of the nearest valid name for every typo.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
-
-from agents.catalog import ATTENTION_TYPES, AXES, GAMES, PAPER_SEEDS, env_id, game_from_env_id
+from agents.catalog import (
+    ATTENTION_TYPES,
+    AXES,
+    GAMES,
+    PAPER_SEEDS,
+    env_id,
+    game_from_env_id,
+    nearest,
+)
 from agents.spec import PRESETS, RunSpec
 from orchestrator.errors import UsageError
 
@@ -20,37 +25,6 @@ __all__ = [
     "games_of_axis", "parse_games", "parse_attn", "parse_seeds", "parse_game", "parse_attn_one",
     "preset", "nearest",
 ]
-
-
-def nearest(word: str, candidates: Iterable[str]) -> str:
-    """' (did you mean X?)' for the closest candidate by edit distance, or ''."""
-    pool = list(candidates)
-    if not pool:
-        return ""
-    key = word.lower()
-    scored = sorted(
-        (_edit_distance(key, c.lower()), -difflib.SequenceMatcher(None, key, c.lower()).ratio(), c)
-        for c in pool
-    )
-    distance, _, best = scored[0]
-    limit = max(1, len(best) // 3)
-    return f" (did you mean {best}?)" if distance <= limit else ""
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance with adjacent transpositions (a swap is one typo)."""
-    previous2: list[int] = []
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            cost = 0 if ca == cb else 1
-            value = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
-            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
-                value = min(value, previous2[j - 2] + 1)
-            current.append(value)
-        previous2, previous = previous, current
-    return previous[-1]
 
 
 def games_of_axis(axis: str) -> list[str]:
