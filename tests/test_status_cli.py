@@ -1,0 +1,62 @@
+"""status, runs and show over a queued study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import run
+
+
+def _json(capsys: pytest.CaptureFixture[str], *args: str) -> object:
+    capsys.readouterr()
+    assert run([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_status_counts_grid_and_json(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["queue", "--games", "Pong,Breakout", "--attn", "NA,CWCA", "--seeds", "2"]) == 0
+    assert run(["queue", "--games", "Pong", "--attn", "SWA", "--seeds", "1", "-e", "other"]) == 0
+    status = _json(capsys, "status")
+    assert status["total"] == 9 and status["counts"]["queued"] == 9
+    assert status["counts"]["succeeded"] == 0
+    first = status["runs"][0]
+    assert {"id", "experiment", "game", "attn", "seed", "state"} <= set(first)
+    filtered = _json(capsys, "status", "--experiment", "main", "--game", "Pong")
+    assert filtered["total"] == 4
+    assert {(r["game"], r["attn"], r["seed"]) for r in filtered["runs"]} == {
+        ("Pong", "NA", 0), ("Pong", "NA", 1), ("Pong", "CWCA", 0), ("Pong", "CWCA", 1)}
+    assert _json(capsys, "status", "--state", "running")["total"] == 0
+    capsys.readouterr()
+    assert run(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "9 runs" in out and "Breakout" in out and "CWCA" in out and "0/2" in out
+    assert run(["status", "--state", "runing"]) == 2
+    assert "did you mean running" in capsys.readouterr().err
+
+
+def test_runs_and_show(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["queue", "--games", "Pong", "--attn", "CWCA", "--seed-list", "42"]) == 0
+    listed = _json(capsys, "runs")
+    assert len(listed) == 1 and listed[0]["game"] == "Pong"
+    shown = _json(capsys, "show", "Pong/CWCA/42")
+    assert shown["spec"]["seed"] == 42 and shown["state"] == "queued"
+    assert shown["events"][0]["to"] == "queued"
+    assert _json(capsys, "show", str(listed[0]["id"]))["id"] == listed[0]["id"]
+    capsys.readouterr()
+    assert run(["show", "Pong/CWCA/7"]) == 2
+    assert "no run Pong/CWCA/7" in capsys.readouterr().err
+    assert run(["show", "Pong/XX/42"]) == 2
+    assert run(["show", "nonsense"]) == 2
+
+
+def test_help_is_fast_because_it_imports_neither_torch_nor_sqlalchemy() -> None:
+    code = ("import sys\nfrom orchestrator.cli import run\nrc = run(['--help'])\n"
+            "print(rc, 'torch' in sys.modules, 'sqlalchemy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 False False"
