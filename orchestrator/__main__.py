@@ -1,0 +1,5 @@
+"""`python -m orchestrator` is `satrl`."""
+
+from orchestrator.cli import main
+
+main()
