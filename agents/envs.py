@@ -46,7 +46,7 @@ def make_atari_env(
     """One wrapped Atari env (no frame stack: that is done on the VecEnv).
 
     :param monitor_file: Monitor CSV path without its `.monitor.csv` suffix; None logs nowhere.
-    :param append_monitor: continue an existing CSV (a resumed run) instead of overwriting it.
+    :param append_monitor: continue the CSV if it exists (a resumed run) instead of overwriting.
     :param ignore_job_signals: set in SubprocVecEnv workers, so that a scheduler's SIGTERM or
         SIGUSR1, which reaches every process of the job, leaves them alive for the worker's own
         final checkpoint; they exit when the worker closes their pipes (or dies).
@@ -56,8 +56,10 @@ def make_atari_env(
             signal.signal(signum, signal.SIG_IGN)
     gym.register_envs(ale_py)
     env = gym.make(spec.env_id, repeat_action_probability=spec.repeat_action_probability)
+    # SB3's Monitor writes its header only when it overwrites: append to existing files only.
+    csv_exists = monitor_file is not None and Path(f"{monitor_file}.monitor.csv").is_file()
     env = Monitor(env, filename=None if monitor_file is None else str(monitor_file),
-                  override_existing=not append_monitor)
+                  override_existing=not (append_monitor and csv_exists))
     return AtariWrapper(
         env,
         noop_max=spec.noop_max,

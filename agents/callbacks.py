@@ -1,0 +1,472 @@
+"""SB3 callbacks of the worker: evaluation, checkpoints, observation dumps, metrics, status, stop.
+
+Every schedule is in agent steps summed over envs (SB3's `num_timesteps`), not in callback calls:
+an event "every N steps" fires in the first `on_step` where `num_timesteps // N` grows, and is
+recorded with that `num_timesteps` (equal to the multiple of N whenever n_envs divides N, as in
+every preset). Because the counters come from `num_timesteps`, a resumed run keeps the schedule
+of the run it continues; SB3's own EvalCallback/CheckpointCallback count calls since `learn()`
+and would shift it.
+
+Within one `on_step` the order is: evaluation, observation dump, checkpoint, stop. So a
+checkpoint at step s implies that the evaluation due at s was written before it, and a run
+resumed from s has nothing to redo at s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv
+
+from agents import rundir
+
+# --- status.json ------------------------------------------------------------------------------
+
+PHASES = ("starting", "training", "evaluating", "checkpointing", "exiting")
+
+
+class StatusHeartbeat:
+    """Writes status.json every `every_s` from a daemon thread, and at once on a phase change.
+
+    A thread rather than a callback: the PPO update and an evaluation run for seconds (minutes
+    for a long game) without calling `on_step`, and the orchestrator reads a stale heartbeat as
+    a lost job.
+    """
+
+    def __init__(self, run_dir: Path, every_s: float, total_timesteps: int, attempt: int,
+                 started_at: float) -> None:
+        self.path = run_dir / rundir.STATUS_JSON
+        self.every_s = every_s
+        self.total_timesteps = total_timesteps
+        self.attempt = attempt
+        self.started_at = started_at
+        self.phase = "starting"
+        self.timesteps = 0
+        self._rate_origin: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="status-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.write()
+        self._thread.start()
+
+    def start_rate(self, timesteps: int) -> None:
+        """Measure steps_per_s from here (the start of learning in this attempt)."""
+        self.timesteps = timesteps
+        self._rate_origin = (time.time(), timesteps)
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}: use one of {', '.join(PHASES)}")
+        self.phase = phase
+        self.write()
+
+    def steps_per_s(self) -> float:
+        if self._rate_origin is None:
+            return 0.0
+        t0, steps0 = self._rate_origin
+        elapsed = time.time() - t0
+        return (self.timesteps - steps0) / elapsed if elapsed > 0 else 0.0
+
+    def write(self) -> None:
+        with self._lock:  # the thread and the main thread both write
+            rundir.write_json(self.path, {
+                "phase": self.phase,
+                "timesteps": int(self.timesteps),
+                "total_timesteps": self.total_timesteps,
+                "steps_per_s": round(self.steps_per_s(), 3),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "attempt": self.attempt,
+                "started_at": self.started_at,
+                "updated_at": time.time(),
+            })
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.every_s):
+            # A full or flaky filesystem must not kill training: the next beat retries.
+            with contextlib.suppress(OSError):
+                self.write()
+
+    def stop(self) -> None:
+        """Stop the thread; the caller writes the last status itself."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class StatusCallback(BaseCallback):
+    """Feeds the heartbeat the step counter and the training phase."""
+
+    def __init__(self, heartbeat: StatusHeartbeat) -> None:
+        super().__init__()
+        self.heartbeat = heartbeat
+
+    def _on_training_start(self) -> None:
+        self.heartbeat.start_rate(self.model.num_timesteps)
+        self.heartbeat.set_phase("training")
+
+    def _on_step(self) -> bool:
+        self.heartbeat.timesteps = self.model.num_timesteps
+        return True
+
+
+# --- stopping: signals, deadline, the end of the budget ---------------------------------------
+
+EXIT_CODES = {"done": 0, "failed": 1, "walltime": 75, "signal": 143}
+
+
+class StopRequest:
+    """Why training should stop early, set by signal handlers or by the deadline.
+
+    Handlers only set a flag (a signal can arrive inside torch or a file write); the callbacks
+    poll it and stop `learn()` at the next environment step.
+
+    :param deadline: SATRL_DEADLINE, epoch seconds, or None.
+    :param margin_s: stop this long before the deadline, leaving time to save.
+    """
+
+    def __init__(self, deadline: float | None = None, margin_s: float = 0.0) -> None:
+        self.deadline = deadline
+        self.margin_s = margin_s
+        self.reason: str | None = None
+        self.message = ""
+
+    def set(self, reason: str, message: str) -> None:
+        if self.reason is None:  # the first cause wins
+            self.reason, self.message = reason, message
+
+    def poll(self) -> str | None:
+        """The stop reason, checking the deadline first."""
+        if (self.reason is None and self.deadline is not None
+                and time.time() >= self.deadline - self.margin_s):
+            self.set("walltime", f"deadline {self.deadline:.0f} minus a margin of "
+                                 f"{self.margin_s:.0f} s reached")
+        return self.reason
+
+    def install_handlers(self) -> None:
+        """SIGTERM and SIGINT stop with reason signal; SIGUSR1 (a scheduler's warning) walltime."""
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGUSR1:
+                self.set("walltime", f"{name} received (the scheduler's walltime warning)")
+            else:
+                self.set("signal", f"{name} received")
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, on_signal)
+
+
+class StopCallback(BaseCallback):
+    """Stops learn() on a StopRequest, or exactly at the budget when a rollout would overshoot.
+
+    SB3 only stops between rollouts, so a run resumed from a checkpoint taken mid-rollout would
+    end past total_timesteps. Here the last, partial rollout is cut at total_timesteps instead (and
+    not trained on); a run whose rollouts divide the budget ends exactly as in plain SB3.
+    """
+
+    def __init__(self, stop: StopRequest, total_timesteps: int) -> None:
+        super().__init__()
+        self.stop = stop
+        self.total_timesteps = total_timesteps
+        self._rollout_end = 0
+
+    def _on_rollout_start(self) -> None:
+        self._rollout_end = self.model.num_timesteps + self.model.n_steps * self.model.n_envs
+
+    def _on_step(self) -> bool:
+        if self.stop.poll() is not None:
+            return False
+        return not (self.model.num_timesteps >= self.total_timesteps
+                    and self._rollout_end > self.total_timesteps)
+
+
+# --- schedules in agent steps -------------------------------------------------------------------
+
+class EveryStepsCallback(BaseCallback):
+    """Base of the events "every N agent steps": `_crossed()` is true once per multiple of N."""
+
+    def __init__(self, every_steps: int) -> None:
+        super().__init__()
+        self.every_steps = every_steps
+        self._last_multiple = 0
+
+    def _on_training_start(self) -> None:
+        # A resumed run: the multiples up to the checkpoint's step were handled before it.
+        self._last_multiple = self._multiple()
+
+    def _multiple(self) -> int:
+        return self.model.num_timesteps // self.every_steps if self.every_steps > 0 else 0
+
+    def _crossed(self) -> bool:
+        multiple = self._multiple()
+        if multiple > self._last_multiple:
+            self._last_multiple = multiple
+            return True
+        return False
+
+
+class EvaluationHistory:
+    """evaluations.npz, SB3 EvalCallback's layout: timesteps (n,), results, ep_lengths (n, k)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.timesteps: list[int] = []
+        self.results: list[list[float]] = []
+        self.ep_lengths: list[list[int]] = []
+        if path.exists():
+            with np.load(path) as data:
+                self.timesteps = [int(t) for t in data["timesteps"]]
+                self.results = data["results"].tolist()
+                self.ep_lengths = data["ep_lengths"].astype(int).tolist()
+
+    def append(self, timestep: int, results: list[float], ep_lengths: list[int]) -> None:
+        self.timesteps.append(timestep)
+        self.results.append([float(r) for r in results])
+        self.ep_lengths.append([int(n) for n in ep_lengths])
+        self.save()
+
+    def drop_after(self, timestep: int) -> int:
+        """Forget evaluations newer than `timestep` (a resume redoes them); returns how many."""
+        keep = [i for i, t in enumerate(self.timesteps) if t <= timestep]
+        dropped = len(self.timesteps) - len(keep)
+        if dropped:
+            self.timesteps = [self.timesteps[i] for i in keep]
+            self.results = [self.results[i] for i in keep]
+            self.ep_lengths = [self.ep_lengths[i] for i in keep]
+            self.save()
+        return dropped
+
+    def save(self) -> None:
+        if not self.timesteps:
+            self.path.unlink(missing_ok=True)
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, timesteps=np.asarray(self.timesteps, dtype=np.int64),
+                 results=np.asarray(self.results, dtype=np.float64),
+                 ep_lengths=np.asarray(self.ep_lengths, dtype=np.int64))
+        rundir.write_bytes(self.path, buffer.getvalue())
+
+
+class _EvaluationAborted(Exception):
+    """Raised inside evaluate_policy when a stop is requested (a long game must not delay it)."""
+
+
+class EvaluationCallback(EveryStepsCallback):
+    """Full-game evaluations on the separate eval env, every `every_steps`, into evaluations.npz.
+
+    Scores and lengths come from the Monitor inside AtariWrapper (SB3's evaluate_policy reads its
+    `episode` infos), so they are raw game scores over whole games, not life-loss episodes.
+
+    An evaluation interrupted by a stop is not recorded; the worker then checkpoints at that very
+    step, and the resumed run does the missing evaluation first, at the same step with the same
+    weights (`_on_training_start`).
+    """
+
+    def __init__(self, eval_env: VecEnv, history: EvaluationHistory, every_steps: int,
+                 n_eval_episodes: int, deterministic: bool, stop: StopRequest,
+                 heartbeat: StatusHeartbeat) -> None:
+        super().__init__(every_steps)
+        self.eval_env = eval_env
+        self.history = history
+        self.n_eval_episodes = n_eval_episodes
+        self.deterministic = deterministic
+        self.stop = stop
+        self.heartbeat = heartbeat
+
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        done = {t // self.every_steps for t in self.history.timesteps}
+        if self._last_multiple > 0 and self._last_multiple not in done:
+            self._evaluate()
+
+    def _on_step(self) -> bool:
+        if self._crossed():
+            self._evaluate()
+        return True
+
+    def _evaluate(self) -> None:
+        def abort_on_stop(_locals: dict[str, Any], _globals: dict[str, Any]) -> None:
+            if self.stop.poll() is not None:
+                raise _EvaluationAborted
+
+        self.heartbeat.set_phase("evaluating")
+        try:
+            results, lengths = evaluate_policy(
+                self.model, self.eval_env, n_eval_episodes=self.n_eval_episodes,
+                deterministic=self.deterministic, return_episode_rewards=True,
+                callback=abort_on_stop,
+            )
+        except _EvaluationAborted:
+            return
+        finally:
+            self.heartbeat.set_phase("training")
+        assert isinstance(results, list) and isinstance(lengths, list)
+        self.history.append(self.model.num_timesteps, results, lengths)
+        self.logger.record("eval/mean_reward", float(np.mean(results)))
+        self.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
+
+
+class CheckpointCallback(EveryStepsCallback):
+    """Calls the worker's `save(steps)` every `every_steps` (the worker also saves at exit)."""
+
+    def __init__(self, every_steps: int, save: Callable[[int], None]) -> None:
+        super().__init__(every_steps)
+        self.save = save
+
+    def _on_step(self) -> bool:
+        if self._crossed():
+            self.save(self.model.num_timesteps)
+        return True
+
+
+class ObservationDumpCallback(EveryStepsCallback):
+    """Every `every_steps`, `count` stacked training observations as (1, 4, 84, 84) uint8 .npy.
+
+    Taken from the training envs' new observations at the crossing step (one per env), continued
+    over the next steps when `count` exceeds n_envs; named obs_<crossing step>_<k>, k from 0.
+    """
+
+    def __init__(self, run_dir: Path, every_steps: int, count: int) -> None:
+        super().__init__(every_steps)
+        self.run_dir = run_dir
+        self.count = count
+        self._dumping: int | None = None
+        self._next_k = 0
+
+    def _on_step(self) -> bool:
+        if self.count <= 0:
+            return True
+        if self._crossed():
+            self._dumping, self._next_k = self.model.num_timesteps, 0
+        if self._dumping is not None:
+            # SB3's rollout loop passes its locals to callbacks; new_obs is the documented batch
+            # of observations after the step, already frame-stacked and channel-first.
+            new_obs = np.asarray(self.locals["new_obs"])
+            for i in range(new_obs.shape[0]):
+                if self._next_k >= self.count:
+                    break
+                self._save(new_obs[i : i + 1])
+            if self._next_k >= self.count:
+                self._dumping = None
+        return True
+
+    def _save(self, obs: np.ndarray) -> None:
+        assert self._dumping is not None
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(obs, dtype=np.uint8))
+        rundir.write_bytes(rundir.observation_path(self.run_dir, self._dumping, self._next_k),
+                           buffer.getvalue())
+        self._next_k += 1
+
+
+# --- metrics.csv --------------------------------------------------------------------------------
+
+#: metrics.csv's columns; the training values are SB3's `train/...` logger keys of that name.
+METRIC_COLUMNS = ("timesteps", "steps_per_s", "learning_rate", "clip_range", "loss",
+                  "policy_loss", "value_loss", "entropy_loss", "approx_kl", "clip_fraction",
+                  "explained_variance")
+_LOGGER_KEYS = {"learning_rate": "train/learning_rate", "clip_range": "train/clip_range",
+                "loss": "train/loss", "policy_loss": "train/policy_gradient_loss",
+                "value_loss": "train/value_loss", "entropy_loss": "train/entropy_loss",
+                "approx_kl": "train/approx_kl", "clip_fraction": "train/clip_fraction",
+                "explained_variance": "train/explained_variance"}
+
+
+class MetricsTable:
+    """metrics.csv, one row per PPO update; rewritten whole and atomically on each new row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, str]] = []
+        if path.exists():
+            with path.open(newline="") as handle:
+                self.rows = [row for row in csv.DictReader(handle) if row.get("timesteps")]
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append({k: repr(row[k]) if isinstance(row[k], float) else str(row[k])
+                          for k in METRIC_COLUMNS})
+        self.save()
+
+    def drop_after(self, timestep: int) -> int:
+        """Forget rows newer than `timestep` (their updates are redone); returns how many."""
+        keep = [row for row in self.rows if int(row["timesteps"]) <= timestep]
+        dropped = len(self.rows) - len(keep)
+        if dropped:
+            self.rows = keep
+            self.save()
+        return dropped
+
+    def save(self) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        rundir.write_bytes(self.path, text.getvalue().encode())
+
+
+class MetricsCallback(BaseCallback):
+    """Appends one metrics.csv row per PPO update.
+
+    SB3 records the update's values (`train/...`) in the logger during `train()`, after the
+    rollout's callbacks; they are read at the next rollout's start, or at the end of training
+    for the last update. The row's timestep is num_timesteps at the end of the rollout that the
+    update learned from, which is also the point the lr and clip schedules were evaluated at.
+    """
+
+    def __init__(self, table: MetricsTable) -> None:
+        super().__init__()
+        self.table = table
+        self._pending: int | None = None
+        self._last: tuple[float, int] = (0.0, 0)
+
+    def _on_training_start(self) -> None:
+        self._last = (time.time(), self.model.num_timesteps)
+
+    def _on_rollout_end(self) -> None:
+        self._pending = self.model.num_timesteps  # an update follows this rollout
+
+    def _on_rollout_start(self) -> None:
+        self._write_pending()
+
+    def _on_training_end(self) -> None:
+        self._write_pending()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _write_pending(self) -> None:
+        if self._pending is None:
+            return
+        values = self.logger.name_to_value
+        if "train/loss" not in values:  # the update did not run (training stopped first)
+            self._pending = None
+            return
+        now = time.time()
+        t_prev, steps_prev = self._last
+        row: dict[str, float] = {
+            "timesteps": self._pending,
+            "steps_per_s": (self._pending - steps_prev) / max(now - t_prev, 1e-9),
+        }
+        for column, key in _LOGGER_KEYS.items():
+            value = float(values.get(key, math.nan))
+            row[column] = value
+        self.table.append(row)
+        self._last = (now, self._pending)
+        self._pending = None

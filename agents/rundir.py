@@ -1,0 +1,235 @@
+"""The run directory on disk: file names, atomic writes, checksums and the manifest.
+
+ARCHITECTURE.md, "The one contract between the two halves". Everything here is standard library
+(plus agents.spec), so the orchestrator may import it without pulling in torch.
+
+Every file is written to a hidden temporary name in its own folder (`.<name>.<random>.tmp`),
+flushed, fsynced and renamed over the target with `os.replace`: a reader, or a fetch that copies
+the directory, sees the old file or the new one, never half of one. A worker killed mid-write
+leaves only a hidden temporary, which the next attempt deletes (`remove_temp_files`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from agents.spec import RunSpec
+
+#: Layout version of the worker's JSON files (status, exit, provenance, manifest).
+FILE_SCHEMA = 1
+
+RUN_JSON = "run.json"
+STATUS_JSON = "status.json"
+EXIT_JSON = "exit.json"
+PROVENANCE_JSON = "provenance.json"
+MANIFEST_JSON = "manifest.json"
+METRICS_CSV = "metrics.csv"
+EVALUATIONS_NPZ = "evaluations.npz"
+CHECKPOINTS_DIR = "checkpoints"
+OBSERVATIONS_DIR = "observations"
+MONITOR_DIR = "monitor"
+TB_DIR = "tb"
+LOGS_DIR = "logs"
+
+_CHECKPOINT_RE = re.compile(r"^model_checkpoint_(\d+)_steps\.zip$")
+_OBSERVATION_RE = re.compile(r"^obs_(\d+)_(\d+)\.npy$")
+_TEMP_RE = re.compile(r"^\..+\.tmp$")
+
+#: Files the final manifest leaves out: itself, exit.json (written after it) and the job's logs.
+_NOT_IN_MANIFEST = {MANIFEST_JSON, EXIT_JSON}
+
+
+# --- atomic writes -------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """Open a temporary file next to `path` for writing; on success it replaces `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically write `data` to `path`."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def write_json(path: Path, body: dict[str, Any]) -> None:
+    """Atomically write a worker JSON file; `"schema"` comes first and is always FILE_SCHEMA."""
+    content = {"schema": FILE_SCHEMA, **{k: v for k, v in body.items() if k != "schema"}}
+    write_bytes(path, (json.dumps(content, indent=2) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """The parsed content of a JSON file, or None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_run_json(run_dir: Path, spec: RunSpec) -> Path:
+    """Create `run_dir` (if needed) and write the spec as its run.json; returns the file's path.
+
+    This is what the orchestrator does before submitting a job, and what tests call to make a
+    run directory for `python -m agents.train RUN_DIR`.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_JSON
+    write_bytes(path, (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
+    return path
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete temporaries left by a killed writer (never a finished file); returns them."""
+    removed = []
+    for path in run_dir.rglob(".*.tmp"):
+        if path.is_file() and _TEMP_RE.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# --- names -----------------------------------------------------------------------------------
+def checkpoint_path(run_dir: Path, steps: int) -> Path:
+    """checkpoints/model_checkpoint_<steps>_steps.zip."""
+    return run_dir / CHECKPOINTS_DIR / f"model_checkpoint_{steps}_steps.zip"
+
+
+def observation_path(run_dir: Path, steps: int, k: int) -> Path:
+    """observations/obs_<steps>_<k>.npy, k = 0 ... obs_dump_count - 1."""
+    return run_dir / OBSERVATIONS_DIR / f"obs_{steps}_{k}.npy"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step count in a checkpoint's file name, None if the name is not a checkpoint's."""
+    match = _CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def observation_step(path: Path) -> int | None:
+    """The step count in an observation dump's file name, None if not a dump's."""
+    match = _OBSERVATION_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(steps, path) of every checkpoint file, oldest first."""
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_file()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+# --- manifest --------------------------------------------------------------------------------
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_kind(relative: str) -> str | None:
+    """The manifest kind of a file by its relative posix path; None for files left out."""
+    top, _, rest = relative.partition("/")
+    if not rest:
+        return {
+            RUN_JSON: "run_json",
+            STATUS_JSON: "status",
+            PROVENANCE_JSON: "provenance",
+            METRICS_CSV: "metrics",
+            EVALUATIONS_NPZ: "evaluations",
+        }.get(top)
+    return {
+        CHECKPOINTS_DIR: "checkpoint",
+        OBSERVATIONS_DIR: "observation",
+        MONITOR_DIR: "monitor",
+        TB_DIR: "tensorboard",
+    }.get(top)
+
+
+class ManifestBuilder:
+    """Builds manifest.json, hashing each immutable artefact (checkpoint, observation) once.
+
+    A paper run has ~21 checkpoints of ~8 MB; the manifest is rewritten after each one, so their
+    digests are cached by (size, mtime) rather than recomputed. Live files are always rehashed.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._cache: dict[str, tuple[int, int, str]] = {}
+
+    def entries(self) -> list[dict[str, Any]]:
+        """One entry per file of the contract, sorted by path."""
+        entries = []
+        for path in sorted(self.run_dir.rglob("*")):
+            if not path.is_file() or _TEMP_RE.match(path.name):
+                continue
+            relative = path.relative_to(self.run_dir).as_posix()
+            kind = file_kind(relative)
+            if relative in _NOT_IN_MANIFEST or kind is None:
+                continue
+            try:
+                stat = path.stat()
+                digest = self._digest(relative, path, stat, immutable=kind in (
+                    "checkpoint", "observation"))
+            except FileNotFoundError:  # replaced or dropped between listing and hashing
+                continue
+            step = checkpoint_step(path) if kind == "checkpoint" else (
+                observation_step(path) if kind == "observation" else None)
+            entries.append({"path": relative, "kind": kind, "size": stat.st_size,
+                            "sha256": digest, "step": step})
+        return entries
+
+    def _digest(self, relative: str, path: Path, stat: os.stat_result, immutable: bool) -> str:
+        key = (stat.st_size, stat.st_mtime_ns)
+        cached = self._cache.get(relative)
+        if immutable and cached is not None and cached[:2] == key:
+            return cached[2]
+        digest = sha256_file(path)
+        self._cache[relative] = (*key, digest)
+        return digest
+
+    def write(self, final: bool) -> dict[str, Any]:
+        """Write manifest.json; `final` only at exit, when every other file is closed."""
+        body = {"updated_at": time.time(), "final": final, "files": self.entries()}
+        write_json(self.run_dir / MANIFEST_JSON, body)
+        return {"schema": FILE_SCHEMA, **body}
+
+
+def verify_manifest(run_dir: Path) -> list[str]:
+    """Problems of a run directory against its manifest (empty when every checksum matches)."""
+    manifest = read_json(run_dir / MANIFEST_JSON)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        return ["manifest.json is missing or malformed"]
+    problems = []
+    for entry in manifest["files"]:
+        path = run_dir / entry["path"]
+        if not path.is_file():
+            problems.append(f"{entry['path']}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{entry['path']}: size {path.stat().st_size} != {entry['size']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 mismatch")
+    return problems
