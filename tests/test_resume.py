@@ -1,0 +1,189 @@
+"""Kill, signal and deadline a real worker, restart it, and check that the run ends on schedule.
+
+One spec for all: 2048 steps, rollouts of 128 (2 envs x 64), an evaluation every 256 steps and a
+checkpoint every 512, so that an evaluation can be newer than the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+
+from agents.rundir import checkpoint_path, list_checkpoints, verify_manifest, write_run_json
+from tests.fixtures.trained import run_worker, start_worker, tiny_spec
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.slow
+
+SPEC = tiny_spec("NA", total_timesteps=2_048, n_steps=64, batch_size=64, eval_every_steps=256,
+                 checkpoint_every_steps=512, obs_dump_every_steps=512)
+TOTAL = SPEC.total_timesteps
+ROLLOUT = SPEC.rollout_size
+SCHEDULED_EVALS = list(range(SPEC.eval_every_steps, TOTAL + 1, SPEC.eval_every_steps))
+
+
+def _lr(timesteps: int) -> float:
+    """The linear schedule at the progress of an update made after `timesteps` steps."""
+    return SPEC.learning_rate * (1 - timesteps / TOTAL)
+
+
+def _eval_timesteps(run_dir: Path) -> list[int]:
+    try:
+        with np.load(run_dir / "evaluations.npz") as data:
+            return data["timesteps"].tolist()
+    except (OSError, ValueError, KeyError):  # not written yet
+        return []
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen[str],
+              timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            pytest.fail(f"worker exited with {process.returncode} first:\n{stderr[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("condition not met in time")
+        time.sleep(0.005)
+
+
+def _assert_finished_on_schedule(run_dir: Path, resumed_from: int) -> list[dict[str, str]]:
+    """The run ended at TOTAL with every scheduled evaluation once and the schedules continued."""
+    exit_info = _json(run_dir / "exit.json")
+    assert (exit_info["reason"], exit_info["exit_code"]) == ("done", 0)
+    assert exit_info["timesteps"] == TOTAL and exit_info["attempt"] == 2
+    attempts = _json(run_dir / "provenance.json")["attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert attempts[1]["resumed_from_step"] == resumed_from
+
+    assert _eval_timesteps(run_dir) == SCHEDULED_EVALS
+    with np.load(run_dir / "evaluations.npz") as data:
+        assert data["results"].shape == data["ep_lengths"].shape == (len(SCHEDULED_EVALS), 1)
+
+    rows = _metrics(run_dir)
+    steps = [int(r["timesteps"]) for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] <= TOTAL
+    # Attempt 1's updates up to the checkpoint, then one per rollout counted from it.
+    assert [s for s in steps if s <= resumed_from] == list(range(ROLLOUT, resumed_from + 1,
+                                                                 ROLLOUT))
+    assert [s for s in steps if s > resumed_from] == list(
+        range(resumed_from + ROLLOUT, TOTAL + 1, ROLLOUT))
+    for row in rows:  # progress_remaining is relative to TOTAL in both attempts
+        assert float(row["learning_rate"]) == pytest.approx(_lr(int(row["timesteps"])))
+        assert float(row["clip_range"]) == pytest.approx(
+            SPEC.clip_range * (1 - int(row["timesteps"]) / TOTAL))
+
+    final = PPO.load(checkpoint_path(run_dir, TOTAL), device="cpu")
+    assert final.num_timesteps == TOTAL
+    assert final.policy.optimizer.param_groups[0]["lr"] == pytest.approx(_lr(steps[-1]))
+    for step, path in list_checkpoints(run_dir):  # none left truncated; each at its own step
+        assert PPO.load(path, device="cpu").num_timesteps == step
+    dumps = sorted(p.name for p in (run_dir / "observations").iterdir())
+    assert dumps == sorted(f"obs_{s}_{k}.npy" for s in (512, 1024, 1536, 2048) for k in (0, 1))
+    assert _json(run_dir / "manifest.json")["final"] is True
+    assert verify_manifest(run_dir) == []
+    return rows
+
+
+def test_sigkill_after_an_evaluation_then_truncated_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, SPEC)
+    process = start_worker(run_dir)
+    _wait_for(lambda: 1280 in _eval_timesteps(run_dir), process)
+    process.kill()
+    process.communicate()
+    # The situation under test: an evaluation (1280) newer than the newest checkpoint (1024).
+    assert [s for s, _ in list_checkpoints(run_dir)] == [512, 1024]
+    assert _eval_timesteps(run_dir)[-1] == 1280
+    assert not (run_dir / "exit.json").exists()
+    newest = checkpoint_path(run_dir, 1024)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    result = run_worker(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: skipping checkpoint model_checkpoint_1024_steps.zip" in result.stderr
+    assert "resuming from step 512" in result.stdout
+    _assert_finished_on_schedule(run_dir, resumed_from=512)
+
+
+def test_sigterm_saves_exits_143_and_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, SPEC)
+    process = start_worker(run_dir)
+    _wait_for(lambda: 768 in _eval_timesteps(run_dir), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+
+    exit_info = _json(run_dir / "exit.json")
+    assert (exit_info["reason"], exit_info["exit_code"]) == ("signal", 143)
+    stopped_at = exit_info["timesteps"]
+    assert 768 <= stopped_at < TOTAL and "SIGTERM" in exit_info["message"]
+    assert PPO.load(checkpoint_path(run_dir, stopped_at), device="cpu").num_timesteps == stopped_at
+    assert _json(run_dir / "status.json")["phase"] == "exiting"
+    assert _json(run_dir / "manifest.json")["final"] is True and verify_manifest(run_dir) == []
+
+    result = run_worker(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_finished_on_schedule(run_dir, resumed_from=stopped_at)
+
+
+def test_sigusr1_saves_and_exits_with_walltime(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, SPEC.replace(eval_every_steps=TOTAL))
+    process = start_worker(run_dir)
+    _wait_for(lambda: _json_or_empty(run_dir / "status.json").get("timesteps", 0) >= 256, process)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    exit_info = _json(run_dir / "exit.json")
+    assert exit_info["reason"] == "walltime" and "SIGUSR1" in exit_info["message"]
+    assert 256 <= exit_info["timesteps"] < TOTAL
+    assert checkpoint_path(run_dir, exit_info["timesteps"]).is_file()
+    assert verify_manifest(run_dir) == []
+
+
+def test_deadline_saves_and_exits_with_walltime(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    margin_s = 1.0
+    # Far more steps than fit before the deadline, no evaluations: only the deadline stops it.
+    write_run_json(run_dir, SPEC.replace(total_timesteps=100_000, eval_every_steps=100_000,
+                                         deadline_margin_s=margin_s))
+    deadline = time.time() + margin_s + 10.0
+    result = run_worker(run_dir, env={"SATRL_DEADLINE": f"{deadline:.3f}"})
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert time.time() >= deadline - margin_s
+    exit_info = _json(run_dir / "exit.json")
+    assert exit_info["reason"] == "walltime" and "deadline" in exit_info["message"]
+    assert 0 < exit_info["timesteps"] < 100_000
+    assert os.path.getmtime(checkpoint_path(run_dir, exit_info["timesteps"])) >= deadline - margin_s
+    assert verify_manifest(run_dir) == []
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
