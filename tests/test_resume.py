@@ -182,6 +182,23 @@ def test_deadline_saves_and_exits_with_walltime(tmp_path: Path) -> None:
     assert verify_manifest(run_dir) == []
 
 
+def test_sigterm_to_the_whole_job_with_subprocess_envs(tmp_path: Path) -> None:
+    # scancel and qdel signal every process of the job: SubprocVecEnv's env workers must outlive
+    # the SIGTERM long enough for the worker's final checkpoint.
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, SPEC.replace(env_backend="subproc", eval_every_steps=TOTAL))
+    process = start_worker(run_dir, new_session=True)
+    _wait_for(lambda: _json_or_empty(run_dir / "status.json").get("timesteps", 0) >= 256, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    exit_info = _json(run_dir / "exit.json")
+    assert exit_info["reason"] == "signal" and 256 <= exit_info["timesteps"] < TOTAL
+    steps = exit_info["timesteps"]
+    assert PPO.load(checkpoint_path(run_dir, steps), device="cpu").num_timesteps == steps
+    assert verify_manifest(run_dir) == []
+
+
 def _json_or_empty(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
