@@ -1,0 +1,212 @@
+"""`satrl fetch`: bring runs' results from their run directories into the store, verified, and
+make them queryable. The service the command calls: select runs, plan, copy, ingest.
+
+Each run is ingested in its own transaction after its files are in place; a run whose records
+are unreadable is reported and skipped (the others go on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator import paths
+from orchestrator.registry.db import Registry
+from orchestrator.registry.models import Experiment, Run, RunState
+from orchestrator.registry.queries import RunFilter
+from orchestrator.settings import Settings
+from orchestrator.store import ingest
+from orchestrator.store.copying import FileReport, RunPlan, RunTarget, execute_run, plan_run
+from orchestrator.store.layout import CheckpointChoice
+from orchestrator.store.manifest import RunDirError
+from orchestrator.store.sources import Source, SourceError, source_from_settings
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    kinds: frozenset[str]
+    checkpoints: CheckpointChoice
+
+
+@dataclass
+class RunResult:
+    """One run's fetch: its files' fates and the rows ingested (None: unchanged, not rewritten)."""
+
+    run_id: int
+    key: str
+    experiment: str
+    source: str = ""
+    store_dir: str = ""
+    exited: bool = False
+    files: list[FileReport] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int = 0
+    evaluations: int | None = None
+    metrics: int | None = None
+    attempts_recorded: int | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for f in self.files if f.status == status)
+
+    @property
+    def problems(self) -> list[FileReport]:
+        return [f for f in self.files if f.status == "problem"]
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(f.size_bytes for f in self.files if f.status == "copied")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "run": self.key, "experiment": self.experiment,
+            "source": self.source, "store_dir": self.store_dir, "exited": self.exited,
+            "copied": self.count("copied"), "unchanged": self.count("unchanged"),
+            "problems": len(self.problems), "bytes_copied": self.bytes_copied,
+            "evaluation_rows": self.evaluations, "metric_rows": self.metrics,
+            "attempts_recorded": self.attempts_recorded, "error": self.error,
+            "files": [f.to_json() for f in self.files],
+        }
+
+
+def select_targets(session: Session, settings_: Settings, run_filter: RunFilter, *,
+                   finished_only: bool = False, dispatched_only: bool = False
+                   ) -> list[RunTarget]:
+    """The runs to fetch, with their source run directory and store folder."""
+    statement = run_filter.apply(
+        select(Run, Experiment.name).join(Experiment, Run.experiment_id == Experiment.id)
+    ).order_by(Experiment.name, Run.game, Run.attn, Run.seed)
+    scratch = source_scratch(settings_)
+    targets = []
+    for run, experiment in session.execute(statement):
+        state = RunState(run.state)
+        if finished_only and not state.is_terminal():
+            continue
+        if dispatched_only and state == RunState.QUEUED and not run.run_dir:
+            continue  # never handed to a scheduler: nothing to fetch
+        run_dir = run.run_dir or str(paths.run_dir(scratch, experiment, run.game, run.attn,
+                                                   run.seed))
+        targets.append(RunTarget(run.id, experiment, run.game, run.attn, run.seed,
+                                 run.spec_hash, run.state, run_dir, settings_.store))
+    return targets
+
+
+def source_scratch(settings_: Settings) -> Path:
+    """Scratch as the source sees it: [fetch] scratch for a remote host, else the workspace's."""
+    section = settings_.section("fetch")
+    remote = section.get("scratch")
+    if section.get("host") and isinstance(remote, str):
+        return Path(remote)
+    return settings_.scratch
+
+
+def open_source(settings_: Settings) -> Source:
+    return source_from_settings(settings_.section("fetch"))
+
+
+@dataclass
+class Fetch:
+    """A planned fetch: runs that can be fetched (plans) and runs that cannot (results)."""
+
+    plans: list[RunPlan]
+    failed: list[RunResult]
+
+    @property
+    def bytes_to_copy(self) -> int:
+        return sum(plan.bytes_to_copy for plan in self.plans)
+
+    @property
+    def files_to_copy(self) -> int:
+        return sum(len(plan.to_copy) for plan in self.plans)
+
+
+def plan_fetch(source: Source, targets: list[RunTarget], request: FetchRequest,
+               on_run: Callable[[RunTarget], None] | None = None) -> Fetch:
+    plans, failed = [], []
+    for target in targets:
+        try:
+            plans.append(plan_run(source, target, request.kinds, request.checkpoints))
+        except (RunDirError, SourceError) as error:
+            failed.append(RunResult(target.run_id, target.key, target.experiment,
+                                    source=source.describe(target.run_dir),
+                                    store_dir=str(target.store_dir), error=str(error),
+                                    exit_code=error.exit_code))
+        if on_run:
+            on_run(target)
+    return Fetch(plans, failed)
+
+
+def run_fetch(registry: Registry, source: Source, plan: RunPlan,
+              on_bytes: Callable[[int], None] | None = None) -> RunResult:
+    """Copy one planned run and ingest what its stored files now say."""
+    target = plan.target
+    result = RunResult(target.run_id, target.key, target.experiment, source=plan.source,
+                       store_dir=str(target.store_dir), exited=plan.exited)
+    try:
+        result.files = execute_run(source, plan, on_bytes)
+    except SourceError as error:
+        result.error, result.exit_code = str(error), error.exit_code
+        return result
+    ingest_run(registry, plan, result)
+    return result
+
+
+def ingest_run(registry: Registry, plan: RunPlan, result: RunResult) -> None:
+    """One transaction: artefacts, evaluations, metrics and provenance of the run."""
+    target = plan.target
+    store_dir, root = target.store_dir, target.store_root
+    good = {f.kind: f for f in result.files if f.status in ("copied", "unchanged")
+            and f.kind in ("evaluations", "metrics", "provenance")}
+    monitors = [f for f in result.files if f.kind == "monitor" and f.target
+                and f.target.endswith(".monitor.csv") and f.target.rsplit("/", 1)[-1]
+                .startswith("train_")]
+    with registry.write() as session:
+        before = ingest.previous_artifacts(session, target.run_id)
+
+        def unchanged(report: FileReport) -> bool:
+            row = before.get(_store_path(store_dir, root, report))
+            return row is not None and row.sha256 == report.sha256
+
+        if "evaluations" in good:
+            report = good["evaluations"]
+            data = ingest.read_evaluations(store_dir / str(report.target))
+            if not (unchanged(report) and ingest.count_evaluations(session, target.run_id)
+                    == data.results.size):
+                result.evaluations = ingest.replace_evaluations(session, target.run_id, data)
+        if "metrics" in good:
+            report = good["metrics"]
+            path = store_dir / str(report.target)
+            rows = ingest.read_metrics_csv(path)
+            names = ingest.metrics_csv_names(path)
+            if not (unchanged(report) and ingest.count_metrics(session, target.run_id, names)
+                    == len(rows)):
+                result.metrics = ingest.replace_metrics(session, target.run_id, names, rows)
+        if monitors and all(m.status != "problem" for m in monitors):
+            rows = [row for m in monitors for row in ingest.read_monitor(
+                store_dir / str(m.target), plan.spec.n_envs, plan.spec.frame_skip)]
+            if not (all(unchanged(m) for m in monitors) and ingest.count_metrics(
+                    session, target.run_id, ingest.MONITOR_METRICS) == len(rows)):
+                written = ingest.replace_metrics(session, target.run_id,
+                                                 ingest.MONITOR_METRICS, rows)
+                result.metrics = (result.metrics or 0) + written
+        if "provenance" in good:
+            attempts = ingest.read_provenance(store_dir / str(good["provenance"].target))
+            result.attempts_recorded = ingest.record_provenance(session, target.run_id, attempts)
+        stored = [ingest.StoredFile(_store_path(store_dir, root, f), str(f.kind), f.size_bytes,
+                                    str(f.sha256), f.step)
+                  for f in result.files if f.status in ("copied", "unchanged")]
+        gone = [path for path in before if not (root / path).is_file()]
+        ingest.record_artifacts(session, target.run_id, stored, before, gone)
+
+
+def _store_path(store_dir: Path, root: Path, report: FileReport) -> str:
+    """An artefact's path as recorded: relative to the store root, so the store can move."""
+    return (store_dir / str(report.target)).relative_to(root).as_posix()

@@ -1,0 +1,256 @@
+"""Fetched files -> registry rows: evaluations, metrics, the attempts' provenance, artefacts.
+
+The readers parse a file completely or raise `ContentError` (so a file that does not parse is
+never renamed into the store). The writers replace one run's rows with what its stored files say,
+inside the caller's transaction: repeating an ingestion of the same files changes nothing, and a
+resumed run, whose evaluations.npz dropped and redid some evaluations, is replaced whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from orchestrator.registry.models import Artifact, Evaluation, Job, Metric, utcnow
+
+#: Metric names of the training monitor's episodes (raw game score, frames of the full game).
+MONITOR_METRICS = ("episode_score", "episode_frames")
+
+
+class ContentError(ValueError):
+    """A file whose checksum may match but whose content is not what the contract says."""
+
+
+# --- readers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluations:
+    """evaluations.npz: `timesteps` (n,), `results` and `ep_lengths` (n, episodes)."""
+
+    timesteps: np.ndarray
+    results: np.ndarray
+    ep_lengths: np.ndarray
+
+    def rows(self, run_id: int) -> list[dict[str, Any]]:
+        """One row per (evaluation, episode)."""
+        n, episodes = self.results.shape
+        timesteps = np.repeat(self.timesteps, episodes).tolist()
+        episode_ids = np.tile(np.arange(episodes), n).tolist()
+        scores = self.results.reshape(-1).tolist()
+        lengths = self.ep_lengths.reshape(-1).tolist()
+        return [{"run_id": run_id, "timestep": t, "episode": e, "score": s, "length": length,
+                 "n_episodes": 1}
+                for t, e, s, length in zip(timesteps, episode_ids, scores, lengths, strict=True)]
+
+
+def read_evaluations(path: Path) -> Evaluations:
+    """Parse and check evaluations.npz (never unpickling: a hostile file runs no code)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: np.asarray(data[key]) for key in ("timesteps", "results",
+                                                              "ep_lengths")}
+    except KeyError as error:
+        raise ContentError(f"evaluations.npz lacks the array {error}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ContentError(f"evaluations.npz is not a readable .npz: {error}") from None
+    timesteps, results, lengths = (arrays["timesteps"], arrays["results"], arrays["ep_lengths"])
+    if timesteps.ndim != 1 or results.ndim != 2 or results.shape[0] != timesteps.shape[0]:
+        raise ContentError(f"evaluations.npz shapes timesteps {timesteps.shape}, results "
+                           f"{results.shape}: expected (n,) and (n, episodes)")
+    if lengths.shape != results.shape:
+        raise ContentError(f"evaluations.npz: ep_lengths {lengths.shape} != results "
+                           f"{results.shape}")
+    if not (np.issubdtype(timesteps.dtype, np.integer) and np.issubdtype(lengths.dtype, np.integer)
+            and np.issubdtype(results.dtype, np.number)):
+        raise ContentError("evaluations.npz: timesteps and ep_lengths must be integers, results "
+                           "numbers")
+    if not np.isfinite(results).all():
+        raise ContentError("evaluations.npz: results hold NaN or infinite scores")
+    return Evaluations(timesteps.astype(np.int64), results.astype(np.float64),
+                       lengths.astype(np.int64))
+
+
+def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
+    """(timestep, name, value) for every non-empty, finite cell of metrics.csv."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ContentError("metrics.csv is not text") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header or header[0] != "timesteps":
+        raise ContentError("metrics.csv must start with a header whose first column is "
+                           "'timesteps'")
+    names = header[1:]
+    out: list[tuple[int, str, float]] = []
+    for line_no, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ContentError(f"metrics.csv line {line_no}: {len(row)} fields, header has "
+                               f"{len(header)}")
+        try:
+            timestep = int(float(row[0]))
+            values = [float(cell) if cell.strip() else math.nan for cell in row[1:]]
+        except ValueError as error:
+            raise ContentError(f"metrics.csv line {line_no}: {error}") from None
+        # SQLite has no NaN (it would store NULL): an absent value is no row.
+        out.extend((timestep, name, value) for name, value in zip(names, values, strict=True)
+                   if math.isfinite(value))
+    return out
+
+
+def metrics_csv_names(path: Path) -> list[str]:
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle), [])[1:]
+
+
+def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, str, float]]:
+    """A training env's monitor episodes as (timestep, name, value).
+
+    The Monitor sits inside the AtariWrapper, so `l` counts emulator frames of one env. The
+    envs step in lockstep, so an episode that ends after F frames of its env ends near agent step
+    F / frame_skip x n_envs (summed over envs, like every step count of the study).
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ContentError(f"{path.name} is not text") from None
+    rows = [line for line in lines if line and not line.startswith("#")]
+    if not rows:
+        return []
+    reader = csv.DictReader(rows)
+    if not reader.fieldnames or not {"r", "l"} <= set(reader.fieldnames):
+        raise ContentError(f"{path.name}: expected a monitor CSV with columns r,l,t")
+    out: list[tuple[int, str, float]] = []
+    frames_total = 0
+    for line_no, row in enumerate(reader, start=2):
+        if row.get("r") == "r":  # a header repeated by an appending Monitor
+            continue
+        try:
+            score, frames = float(row["r"]), int(float(row["l"]))
+        except (TypeError, ValueError):
+            raise ContentError(f"{path.name} row {line_no}: r and l must be numbers") from None
+        frames_total += frames
+        timestep = round(frames_total / frame_skip) * n_envs
+        if math.isfinite(score):
+            out.append((timestep, MONITOR_METRICS[0], score))
+        out.append((timestep, MONITOR_METRICS[1], float(frames)))
+    return out
+
+
+def read_provenance(path: Path) -> list[dict[str, Any]]:
+    """provenance.json's attempts, each an object with an integer `attempt`."""
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ContentError(f"provenance.json is not valid JSON: {error}") from None
+    attempts = doc.get("attempts") if isinstance(doc, dict) else None
+    if not isinstance(attempts, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("attempt"), int) for a in attempts):
+        raise ContentError("provenance.json must hold 'attempts': a list of objects with an "
+                           "integer 'attempt'")
+    return attempts
+
+
+# --- writers (inside the caller's transaction) ---------------------------------------------------
+def replace_evaluations(session: Session, run_id: int, data: Evaluations) -> int:
+    """The run's evaluations become exactly the file's; returns the rows written."""
+    session.execute(delete(Evaluation).where(Evaluation.run_id == run_id))
+    rows = data.rows(run_id)
+    if rows:
+        session.execute(insert(Evaluation), rows)
+    return len(rows)
+
+
+def count_evaluations(session: Session, run_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(Evaluation)
+                          .where(Evaluation.run_id == run_id)) or 0
+
+
+def replace_metrics(session: Session, run_id: int, names: Iterable[str],
+                    rows: Sequence[tuple[int, str, float]]) -> int:
+    """The run's metrics called `names` become exactly `rows`; returns the rows written."""
+    names = sorted(set(names) | {name for _, name, _ in rows})
+    session.execute(delete(Metric).where(Metric.run_id == run_id, Metric.name.in_(names)))
+    if rows:
+        session.execute(insert(Metric), [{"run_id": run_id, "timestep": t, "name": n, "value": v}
+                                         for t, n, v in rows])
+    return len(rows)
+
+
+def count_metrics(session: Session, run_id: int, names: Iterable[str]) -> int:
+    return session.scalar(select(func.count()).select_from(Metric).where(
+        Metric.run_id == run_id, Metric.name.in_(sorted(set(names))))) or 0
+
+
+def record_provenance(session: Session, run_id: int, attempts: list[dict[str, Any]]) -> int:
+    """Each attempt's provenance onto its jobs row; returns how many attempts found one.
+
+    An attempt matches the row with its scheduler job id, else the row with its number: a PBS
+    array subjob can rerun without a new submission, so several attempts can share a row (the
+    newest wins). Attempts no row matches (a run started by hand) are left in the store only.
+    """
+    jobs = list(session.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id)))
+    by_job_id = {job.job_id: job for job in jobs if job.job_id}
+    by_attempt = {job.attempt: job for job in jobs}
+    matched = 0
+    for entry in sorted(attempts, key=lambda a: a["attempt"]):
+        job = by_job_id.get(str(entry.get("scheduler_job_id"))) or by_attempt.get(entry["attempt"])
+        if job is None:
+            continue
+        matched += 1
+        if job.provenance != entry:
+            job.provenance = entry
+        host, digest = entry.get("host"), entry.get("image_digest")
+        if isinstance(host, str) and job.node != host:
+            job.node = host
+        if isinstance(digest, str) and digest and job.image_digest != digest:
+            job.image_digest = digest
+    return matched
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file now in the store, verified: what its artifacts row says."""
+
+    path: str  # relative to the store root
+    kind: str
+    size_bytes: int
+    sha256: str
+    step: int | None
+
+
+def previous_artifacts(session: Session, run_id: int) -> dict[str, Artifact]:
+    return {a.path: a for a in session.scalars(select(Artifact).where(Artifact.run_id == run_id))}
+
+
+def record_artifacts(session: Session, run_id: int, files: Iterable[StoredFile],
+                     existing: dict[str, Artifact], gone: Iterable[str]) -> None:
+    """Insert or update one row per stored file; drop the rows of files no longer in the store.
+
+    A row whose file did not change keeps its `fetched_at`, so a repeated fetch changes nothing.
+    """
+    for item in files:
+        row = existing.get(item.path)
+        if row is None:
+            session.add(Artifact(run_id=run_id, kind=item.kind, path=item.path,
+                                 size_bytes=item.size_bytes, sha256=item.sha256, step=item.step))
+        elif (row.sha256, row.size_bytes, row.kind, row.step) != (
+                item.sha256, item.size_bytes, item.kind, item.step):
+            row.sha256, row.size_bytes, row.kind, row.step = (item.sha256, item.size_bytes,
+                                                              item.kind, item.step)
+            row.fetched_at = utcnow()
+    gone = list(gone)
+    if gone:
+        session.execute(delete(Artifact).where(Artifact.run_id == run_id, Artifact.path.in_(gone)))
