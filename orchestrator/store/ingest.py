@@ -168,9 +168,21 @@ def replace_evaluations(session: Session, run_id: int, data: Evaluations) -> int
     """The run's evaluations become exactly the file's; returns the rows written."""
     session.execute(delete(Evaluation).where(Evaluation.run_id == run_id))
     rows = data.rows(run_id)
-    if rows:
+    if rows and session.get_bind().dialect.name == "postgresql":
+        _copy_rows(session, "evaluations", list(rows[0]), rows)
+    elif rows:
         session.execute(insert(Evaluation), rows)
     return len(rows)
+
+
+def _copy_rows(session: Session, table: str, columns: list[str],
+               rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL's COPY, in the session's transaction: several times faster than INSERTs."""
+    driver = session.connection().connection.driver_connection
+    names = ", ".join(columns)
+    with driver.cursor() as cursor, cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
 
 
 def count_evaluations(session: Session, run_id: int) -> int:
@@ -183,10 +195,12 @@ def replace_metrics(session: Session, run_id: int, names: Iterable[str],
     """The run's metrics called `names` become exactly `rows`; returns the rows written."""
     names = sorted(set(names) | {name for _, name, _ in rows})
     session.execute(delete(Metric).where(Metric.run_id == run_id, Metric.name.in_(names)))
-    if rows:
-        session.execute(insert(Metric), [{"run_id": run_id, "timestep": t, "name": n, "value": v}
-                                         for t, n, v in rows])
-    return len(rows)
+    records = [{"run_id": run_id, "timestep": t, "name": n, "value": v} for t, n, v in rows]
+    if records and session.get_bind().dialect.name == "postgresql":
+        _copy_rows(session, "metrics", list(records[0]), records)
+    elif records:
+        session.execute(insert(Metric), records)
+    return len(records)
 
 
 def count_metrics(session: Session, run_id: int, names: Iterable[str]) -> int:
