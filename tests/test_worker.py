@@ -55,7 +55,8 @@ def test_run_dir_is_complete_and_its_manifest_matches(trained_runs: dict[str, Pa
     (attempt,) = _json(run_dir / "provenance.json")["attempts"]
     assert attempt["attempt"] == 1 and attempt["resumed_from_step"] is None
     assert attempt["packages"]["stable-baselines3"] == "2.9.2"
-    assert attempt["packages"]["torch"] == attempt["torch"] == torch.__version__
+    assert attempt["torch"] == torch.__version__  # the distribution's may lack "+cu130"
+    assert attempt["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert set(attempt) >= {"host", "pid", "python", "git_commit", "cuda", "rocm", "gpu",
                             "image_digest", "scheduler_job_id", "started_at"}
 
