@@ -146,7 +146,8 @@ class Job(Base):
     """One submission of a run to a scheduler (an attempt as the orchestrator sees it)."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_run_id", "run_id"), Index("ix_jobs_job_id", "job_id"))
+    __table_args__ = (Index("ix_jobs_run_id", "run_id"), Index("ix_jobs_job_id", "job_id"),
+                      Index("ix_jobs_batch", "batch"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -164,6 +165,20 @@ class Job(Base):
     node: Mapped[str | None] = mapped_column(String(200))
     image_digest: Mapped[str | None] = mapped_column(String(128))
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Dispatch token, also the scheduler's job name: recorded before submitting (crash safety).
+    batch: Mapped[str | None] = mapped_column(String(64))
+    #: When the scheduler last listed this job; a job it forgot becomes lost a grace after this.
+    seen_at: Mapped[datetime | None]
+
+
+class SchedulerPoll(Base):
+    """When each backend's scheduler was last asked about jobs (rate limit shared by processes)."""
+
+    __tablename__ = "scheduler_polls"
+
+    backend: Mapped[str] = mapped_column(String(16), primary_key=True)
+    polled_at: Mapped[datetime]
+    calls: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Artifact(Base):
