@@ -1,0 +1,378 @@
+"""A report as text: rich tables for a terminal, Markdown, CSV, LaTeX or one self-contained HTML.
+
+Every format renders the same sections, built once by `sections()`: header, gaps (always shown
+when there are any), the per-game table with winners and wins, wins by axis, aggregates,
+probability of improvement, sample efficiency and the comparison. CSV is the per-game table in
+long form (one row per game and type), the format a spreadsheet or pandas reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.catalog import AXES, GAMES
+from orchestrator.analysis.aggregates import METRICS
+from orchestrator.analysis.compare import BAND_Z
+from orchestrator.analysis.report import Report
+from orchestrator.analysis.table import Cell
+
+FORMATS = ("table", "md", "csv", "latex", "html")
+EXTENSIONS = {"table": "txt", "md": "md", "csv": "csv", "latex": "tex", "html": "html"}
+
+
+@dataclass(frozen=True)
+class Value:
+    """One rendered cell: its text and whether it is emphasised (a winner, a gap)."""
+
+    text: str
+    bold: bool = False
+    warn: bool = False
+
+
+@dataclass
+class Section:
+    title: str
+    headers: list[str]
+    rows: list[list[Value]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}" if abs(x) < 1000 else f"{x:.1f}"
+
+
+def _cell(cell: Cell, winner: bool) -> Value:
+    if cell.mean is None or cell.std_error is None:
+        return Value(f"missing (0/{cell.expected_seeds} seeds)", warn=True)
+    text = f"{_num(cell.mean)} ± {_num(cell.std_error)}"
+    if not cell.complete:
+        return Value(f"{text} ({cell.n_seeds}/{cell.expected_seeds} seeds)", bold=winner,
+                     warn=True)
+    return Value(text, bold=winner)
+
+
+def _ci(point: float, low: float, high: float) -> str:
+    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def sections(report: Report) -> list[Section]:
+    study, table, gaps, agg = report.study, report.table, report.gaps, report.aggregates
+    out: list[Section] = []
+
+    header = Section(f"satrl report: experiment {study.experiment}", [])
+    header.notes.append(
+        f"{len(study.runs)} runs: {len(study.games)} games x {len(study.attns)} types x "
+        f"{len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}); "
+        f"{study.expected_evaluations} evaluations per complete run.")
+    if study.imported:
+        header.notes.append(f"Imported results. {study.notes}")
+    header.notes.append(
+        "Cell: mean over seeds of each run's mean over the evaluation period ± population std "
+        "(ddof=0) / sqrt(seeds); bold: the game's winner (highest mean).")
+    out.append(header)
+
+    if gaps.any:
+        section = Section("Gaps (left out of cells, wins and aggregates)", ["what", "which"])
+        if gaps.no_evaluations:
+            section.rows.append([Value(f"runs without evaluations ({len(gaps.no_evaluations)})",
+                                       warn=True),
+                                 Value(", ".join(f"{k} [{s}]" for k, s in gaps.no_evaluations))])
+        if gaps.short_runs:
+            section.rows.append([Value(f"runs short of evaluations ({len(gaps.short_runs)})",
+                                       warn=True),
+                                 Value(", ".join(f"{k} [{s}, {n}/{m}]"
+                                                 for k, s, n, m in gaps.short_runs))])
+        if gaps.short_cells:
+            section.rows.append([Value(f"cells with fewer seeds ({len(gaps.short_cells)})",
+                                       warn=True),
+                                 Value(", ".join(f"{g}/{a} {n}/{m}"
+                                                 for g, a, n, m in gaps.short_cells))])
+        if gaps.incomplete_games:
+            section.rows.append([Value(f"games not counted ({len(gaps.incomplete_games)})",
+                                       warn=True), Value(", ".join(gaps.incomplete_games))])
+        out.append(section)
+    if gaps.games_not_in_study:
+        header.notes.append(f"{len(gaps.games_not_in_study)} of the {len(GAMES)} games are not "
+                            f"in this study: {', '.join(gaps.games_not_in_study)}.")
+
+    per_game = Section("Per-game scores", ["game", "axis", *table.attns])
+    for game in table.games:
+        winners = table.winners.get(game, [])
+        per_game.rows.append([Value(game), Value(GAMES[game])] + [
+            _cell(table.cell(game, a), a in winners) for a in table.attns])
+    wins = table.wins()
+    per_game.rows.append([Value("wins", bold=True), Value(f"{len(table.complete_games)} games")]
+                         + [Value(str(wins[a]), bold=True) for a in table.attns])
+    out.append(per_game)
+
+    by_axis = Section("Wins by axis of dynamics", ["axis", "games", *table.attns])
+    for axis in AXES:
+        n_games, axis_wins = table.wins_by_axis()[axis]
+        best = max(axis_wins.values(), default=0)
+        by_axis.rows.append([Value(axis), Value(str(n_games))] + [
+            Value(str(axis_wins[a]), bold=best > 0 and axis_wins[a] == best)
+            for a in table.attns])
+    by_axis.notes.append("Ties count as a win for each tied type.")
+    out.append(by_axis)
+
+    if agg is None:
+        out.append(Section("Aggregates", [], notes=[
+            "No game has every seed of every type: no aggregates (see the gaps)."]))
+    else:
+        basis = (f"Human-normalised scores over {len(agg.games)} games (VideoPinball random: "
+                 f"{report.options.videopinball_random}); 95% stratified-bootstrap CIs, "
+                 f"{agg.reps} repetitions, seed {agg.seed}.")
+        aggregates = Section("Aggregates (human-normalised)", ["type", *METRICS], notes=[basis])
+        for attn in agg.attns:
+            aggregates.rows.append([Value(attn)] + [
+                Value(_ci(agg.point[attn][k], agg.ci[attn][0][k], agg.ci[attn][1][k]))
+                for k in range(len(METRICS))])
+        out.append(aggregates)
+        if agg.poi:
+            poi = Section("Probability of improvement over the rest", ["type", "P(X > rest)"],
+                          notes=["The rest: the other types' runs pooled."])
+            for attn, value in agg.poi.items():
+                poi.rows.append([Value(attn), Value(_ci(value, *agg.poi_ci[attn]))])
+            out.append(poi)
+        efficiency = Section("Sample efficiency (IQM)", ["evaluation", "steps", *agg.attns])
+        for k, (point, step) in enumerate(zip(agg.eval_points, agg.eval_timesteps,
+                                              strict=True)):
+            efficiency.rows.append([Value(str(point)), Value(f"{step:,}")] + [
+                Value(_ci(agg.efficiency[a][k], agg.efficiency_ci[a][0][k],
+                          agg.efficiency_ci[a][1][k])) for a in agg.attns])
+        out.append(efficiency)
+
+    comparison = report.comparison
+    if comparison is not None:
+        section = Section(f"Compared with {comparison.other}",
+                          ["game", "type", "this", comparison.other, "difference", "outside"])
+        section.notes.append(
+            f"outside: this mean lies outside {comparison.other}'s 95% band (mean ± {BAND_Z} "
+            f"s.e.); {comparison.n_outside} of {len(comparison.rows)} cells.")
+        if comparison.unmatched:
+            section.notes.append(f"{len(comparison.unmatched)} cells are not complete in both "
+                                 "studies and are not compared.")
+        for r in comparison.rows:
+            section.rows.append([
+                Value(r.game), Value(r.attn), Value(_num(r.mean)),
+                Value(f"{_num(r.other_mean)} ± {_num(r.other_std_error)}"),
+                Value(f"{r.difference:+.2f}"), Value("yes" if r.outside else "", bold=r.outside)])
+        out.append(section)
+    return out
+
+
+# --- formats ---------------------------------------------------------------------------------
+def to_markdown(report: Report, figure_dir: str | None = None) -> str:
+    lines: list[str] = []
+    for i, section in enumerate(sections(report)):
+        lines.append(f"{'#' if i == 0 else '##'} {section.title}\n")
+        lines.extend(f"{note}\n" for note in section.notes)
+        if section.headers:
+            lines.append("| " + " | ".join(section.headers) + " |")
+            lines.append("|" + "|".join("---" for _ in section.headers) + "|")
+            for row in section.rows:
+                lines.append("| " + " | ".join(_md_value(v) for v in row) + " |")
+            lines.append("")
+    if figure_dir is not None and report.figures:
+        lines.append("## Figures\n")
+        lines.extend(f"![{name}]({figure_dir}/{name})\n" for name in report.figures)
+    return "\n".join(lines)
+
+
+def _md_value(value: Value) -> str:
+    text = value.text.replace("|", "\\|")
+    if value.bold:
+        text = f"**{text}**"
+    return f"⚠ {text}" if value.warn and not value.bold else text
+
+
+def to_csv(report: Report) -> str:
+    """The per-game table in long form: one row per (game, type)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["experiment", "game", "axis", "attn", "n_seeds", "expected_seeds", "mean",
+                     "std_error", "winner", "complete"])
+    table = report.table
+    for game in table.games:
+        for attn in table.attns:
+            cell = table.cell(game, attn)
+            writer.writerow([report.study.experiment, game, GAMES[game], attn, cell.n_seeds,
+                             cell.expected_seeds, "" if cell.mean is None else repr(cell.mean),
+                             "" if cell.std_error is None else repr(cell.std_error),
+                             int(attn in table.winners.get(game, [])), int(cell.complete)])
+    return buffer.getvalue()
+
+
+def section_csv(section: Section) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(section.headers)
+    for row in section.rows:
+        writer.writerow([v.text for v in row])
+    return buffer.getvalue()
+
+
+_LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "\\": r"\textbackslash{}", "±": r"$\pm$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def to_latex(report: Report) -> str:
+    parts: list[str] = [f"% {_tex(s)}" for s in sections(report)[0].notes]
+    for section in sections(report)[1:]:
+        if not section.headers:
+            parts.append(f"% {_tex(section.title)}: " + " ".join(map(_tex, section.notes)))
+            continue
+        parts.append(f"% {_tex(section.title)}")
+        parts.extend(f"% {_tex(note)}" for note in section.notes)
+        columns = "l" * 1 + "r" * (len(section.headers) - 1)
+        parts.append(r"\begin{tabular}{" + columns + "}")
+        parts.append(r"\toprule")
+        parts.append(" & ".join(_tex(h) for h in section.headers) + r" \\")
+        parts.append(r"\midrule")
+        for row in section.rows:
+            parts.append(" & ".join(rf"\textbf{{{_tex(v.text)}}}" if v.bold else _tex(v.text)
+                                    for v in row) + r" \\")
+        parts.append(r"\bottomrule")
+        parts.append(r"\end{tabular}")
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+td.win { font-weight: bold; background: #e6f4ea; }
+td.warn { color: #a33; }
+p.note { color: #555; font-size: 0.9em; margin: 0.2em 0; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; }
+figcaption { font-size: 0.8em; color: #555; }
+"""
+
+
+def to_html(report: Report) -> str:
+    """One self-contained file: tables, and every figure inlined as a base64 PNG."""
+    body: list[str] = []
+    for i, section in enumerate(sections(report)):
+        tag = "h1" if i == 0 else "h2"
+        body.append(f"<{tag}>{html.escape(section.title)}</{tag}>")
+        body.extend(f'<p class="note">{html.escape(note)}</p>' for note in section.notes)
+        if section.headers:
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>"
+                                                       for h in section.headers)
+                        + "</tr></thead><tbody>")
+            for row in section.rows:
+                cells = []
+                for v in row:
+                    cls = "win" if v.bold else ("warn" if v.warn else "")
+                    attr = f' class="{cls}"' if cls else ""
+                    cells.append(f"<td{attr}>{html.escape(v.text)}</td>")
+                body.append("<tr>" + "".join(cells) + "</tr>")
+            body.append("</tbody></table>")
+    if report.figures:
+        body.append("<h2>Figures</h2>")
+        for name, png in report.figures.items():
+            data = base64.b64encode(png).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(name)}" '
+                        f'src="data:image/png;base64,{data}"><figcaption>{html.escape(name)}'
+                        "</figcaption></figure>")
+    title = html.escape(f"satrl report: {report.study.experiment}")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}"
+            f"</title><style>{_HTML_STYLE}</style></head><body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+
+
+def rich_renderables(report: Report) -> list[object]:
+    """The sections as rich tables for a terminal (`--format table`)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[object] = []
+    for i, section in enumerate(sections(report)):
+        out.append(Text(section.title, style="bold underline" if i == 0 else "bold"))
+        out.extend(Text(note, style="dim") for note in section.notes)
+        if section.headers:
+            table = Table(*section.headers, box=None, header_style="bold", pad_edge=False)
+            for row in section.rows:
+                table.add_row(*[Text(v.text, style="bold green" if v.bold else
+                                     ("yellow" if v.warn else "")) for v in row])
+            out.append(table)
+        out.append(Text(""))
+    return out
+
+
+def render_text(report: Report, fmt: str, figure_dir: str | None = None) -> str:
+    """The report in `fmt` (md, csv, latex, html) as one string."""
+    if fmt == "md":
+        return to_markdown(report, figure_dir)
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "latex":
+        return to_latex(report)
+    if fmt == "html":
+        return to_html(report)
+    raise ValueError(f"no text rendering for {fmt!r}")
+
+
+def _plain_table_text(report: Report) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=200, file=io.StringIO(), color_system=None)
+    for item in rich_renderables(report):
+        console.print(item)
+    return console.export_text()
+
+
+_CSV_SECTIONS = {"Wins by axis of dynamics": "wins_by_axis.csv",
+                 "Aggregates (human-normalised)": "aggregates.csv",
+                 "Probability of improvement over the rest": "probability_of_improvement.csv",
+                 "Sample efficiency (IQM)": "sample_efficiency.csv"}
+
+
+def write_report(report: Report, fmt: str, out_dir: Path) -> list[Path]:
+    """The report file, its figures (PNG) and, for csv, one CSV per table, into `out_dir`.
+
+    Each file is written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    name = f"report.{EXTENSIONS[fmt]}"
+    if fmt == "table":
+        text = _plain_table_text(report)
+    elif fmt == "csv":
+        text = to_csv(report)
+        name = "table.csv"
+    else:
+        text = render_text(report, fmt, figure_dir="figures")
+    written.append(_write(out_dir / name, text.encode()))
+    if fmt == "csv":
+        for section in sections(report):
+            file_name = _CSV_SECTIONS.get(section.title)
+            if section.title.startswith("Compared with "):
+                file_name = "compare.csv"
+            if file_name and section.headers:
+                written.append(_write(out_dir / file_name, section_csv(section).encode()))
+    for figure, png in report.figures.items():
+        written.append(_write(out_dir / "figures" / figure, png))
+    return written
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+    return path
