@@ -1,0 +1,117 @@
+"""`satrl report`'s formats, files, figures and `--compare`, on small synthetic studies."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import run
+from tests.analysis_support import constant_run, make_study
+
+PNG = b"\x89PNG\r\n\x1a\n"
+GAMES, ATTNS, SEEDS = ["Pong", "Breakout"], ["NA", "CWCA"], [0, 1]
+
+
+def _study(registry, name: str, offset: float) -> None:  # type: ignore[no-untyped-def]
+    episodes = {(g, a, s): constant_run(base + offset + s)
+                for g, base_g in (("Pong", -20.0), ("Breakout", 2.0))
+                for a, base in (("NA", base_g), ("CWCA", base_g + 5.0)) for s in SEEDS}
+    make_study(registry, name, GAMES, ATTNS, SEEDS, episodes)
+
+
+@pytest.fixture
+def two_studies(registry, workspace):  # type: ignore[no-untyped-def]
+    # "new" is "old" + 1 everywhere; each cell's seeds score x and x + 1: s.e. 0.5 / sqrt(2).
+    _study(registry, "old", 0.0)
+    _study(registry, "new", 1.0)
+    return registry
+
+
+def test_markdown_latex_and_csv(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert run(["report", "-e", "new", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    assert "| Pong | horizontal | -18.50 ± 0.35 | **-13.50 ± 0.35** |" in md
+    assert "| **wins** | 2 games | **0** | **2** |" in md
+    assert "## Aggregates (human-normalised)" in md and "## Gaps" not in md
+    assert run(["report", "-e", "new", "-f", "latex", "--reps", "20"]) == 0
+    tex = capsys.readouterr().out
+    assert r"\begin{tabular}" in tex and r"\textbf{-13.50 $\pm$ 0.35}" in tex
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}")
+
+
+def test_html_is_one_self_contained_file(two_studies, tmp_path: Path, capsys  # type: ignore[no-untyped-def]
+                                         ) -> None:
+    out = tmp_path / "rep"
+    assert run(["report", "-e", "new", "-f", "html", "--out", str(out), "--reps", "20"]) == 0
+    page = (out / "report.html").read_text()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<link" not in page and "<script" not in page
+    images = [base64.b64decode(s.split(",", 1)[1]) for s in sources]
+    assert all(img.startswith(PNG) for img in images)
+    # aggregates, PoI, profiles, efficiency, the overview and one curve per game.
+    assert len(images) == 4 + 1 + len(GAMES)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["figures/aggregates.png", "figures/curves/Breakout.png",
+                       "figures/curves/Pong.png", "figures/learning_curves.png",
+                       "figures/performance_profiles.png",
+                       "figures/probability_of_improvement.png", "figures/sample_efficiency.png"]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_csv_out_writes_one_file_per_table(two_studies, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "rep"
+    assert run(["report", "-e", "new", "-f", "csv", "--out", str(out), "--reps", "20",
+                "--compare", "old"]) == 0
+    names = sorted(p.name for p in out.glob("*.csv"))
+    assert names == ["aggregates.csv", "compare.csv", "probability_of_improvement.csv",
+                     "sample_efficiency.csv", "table.csv", "wins_by_axis.csv"]
+    axis_rows = list(csv.DictReader((out / "wins_by_axis.csv").open()))
+    assert {r["axis"]: (r["NA"], r["CWCA"]) for r in axis_rows}["vertical"] == ("0", "1")
+
+
+def test_compare_by_hand(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]
+    """new = old + 1 in every run; old's cells have s.e. 0.5 / sqrt(2) = 0.354."""
+    assert run(["report", "-e", "new", "--compare", "old", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    # |+1| > 1.96 x 0.354 = 0.69: outside the band.
+    assert "| Pong | NA | -18.50 | -19.50 ± 0.35 | +1.00 | **yes** |" in md
+    assert "4 of 4 cells" in md
+    assert run(["report", "-e", "old", "--compare", "old", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    assert "| Pong | NA | -19.50 | -19.50 ± 0.35 | +0.00 |  |" in md
+    assert "0 of 4 cells" in md
+
+
+def test_same_seed_same_report(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]
+    outputs = []
+    for seed in ("3", "3", "4"):
+        assert run(["report", "-e", "new", "-f", "md", "--reps", "50", "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-f", "pdf"], "unknown --format 'pdf'"),
+    (["-e", "nope"], "no experiment 'nope'"),
+    (["--videopinball-random", "dqn"], "paper or standard"),
+    (["--compare", "nope"], "no experiment 'nope'"),
+    (["--reps", "0"], "--reps must be at least 1"),
+])
+def test_bad_options_one_line_exit_2(two_studies, capsys, args, message) -> None:  # type: ignore[no-untyped-def]
+    base = ["report"] if "-e" in args else ["report", "-e", "new"]
+    assert run(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_experiment_and_queued_only_study(registry, workspace, capsys) -> None:  # type: ignore[no-untyped-def]
+    make_study(registry, "fresh", ["Pong"], ["NA", "CWCA"], [0], {})
+    assert run(["report", "-e", "fresh", "--reps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "runs without evaluations (2)" in out and "No game has every seed" in out
