@@ -143,3 +143,20 @@ def test_report_table_shows_gaps_and_wins(study, workspace, capsys) -> None:  # 
     assert "5000.0 ± 0.00 (1/2 seeds)" in out
     wins_line = next(line for line in out.splitlines() if line.startswith("wins"))
     assert wins_line.split()[-3:] == ["1", "1", "2"]
+
+
+def test_run_means_equal_the_run_scores_view(study) -> None:  # type: ignore[no-untyped-def]
+    """The report's per-run means are exactly what SQL users read from run_scores."""
+    from sqlalchemy import text
+
+    from orchestrator.analysis.scores import load_study
+
+    with study.session() as session:
+        scores = load_study(session, "syn")
+        view = {rid: (mean, n) for rid, mean, n in session.execute(text(
+            "SELECT run_id, mean_score, n_evaluations FROM run_scores WHERE experiment = 'syn'"))}
+    ours = {r.run_id: (r.mean_score, r.n_evaluations) for r in scores.runs
+            if r.mean_score is not None}
+    assert ours.keys() == view.keys() and len(ours) == 23
+    for rid, (mean, n) in ours.items():
+        assert mean == pytest.approx(view[rid][0], rel=1e-12) and n == view[rid][1]
