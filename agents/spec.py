@@ -112,10 +112,13 @@ class RunSpec:
                                    unit="agent steps", scientific=False, min=0)
     obs_dump_count: int = _f(10, "Observations dumped per interval.", unit="observations",
                              scientific=False, min=0, max=1000)
-    env_backend: str = _f("subproc", "Training envs: SB3's SubprocVecEnv or DummyVecEnv.",
-                          scientific=False, choices=("subproc", "dummy"))
-    engine: str = _f("sb3", "PPO loop: SB3's own (the reference path).", scientific=False,
-                     choices=("sb3",))
+    env_backend: str = _f("subproc", "Training envs: SB3's SubprocVecEnv or DummyVecEnv (with "
+                          "engine sb3), or ale-py's AtariVectorEnv under the same protocol "
+                          "(ale_vector, with engine fast).",
+                          scientific=False, choices=("subproc", "dummy", "ale_vector"))
+    engine: str = _f("sb3", "PPO loop: SB3's own (sb3, the reference path) or the same "
+                     "algorithm with the rollout buffer on the device (fast, agents.fast).",
+                     scientific=False, choices=("sb3", "fast"))
     device: str = _f("auto", "Torch device.", scientific=False, choices=("auto", "cpu", "cuda"))
     torch_threads: int = _f(0, "Torch intra-op threads; 0 lets torch decide.", unit="threads",
                             scientific=False, min=0, max=1024)
@@ -133,6 +136,12 @@ class RunSpec:
             raise SpecError(
                 f"batch_size {self.batch_size} exceeds the rollout of n_envs x n_steps = "
                 f"{self.n_envs * self.n_steps} samples: lower batch_size or raise n_steps"
+            )
+        if (self.engine == "fast") != (self.env_backend == "ale_vector"):
+            raise SpecError(
+                f"engine {self.engine} cannot run env_backend {self.env_backend}: the fast engine "
+                "steps ale-py's vector env (engine=fast env_backend=ale_vector); the sb3 engine "
+                "steps SB3 VecEnvs (subproc or dummy)"
             )
 
     # --- derived values -------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""The fast engine computes SB3 PPO's algorithm: GAE, one update, no host syncs in the loop.
+
+Every test here that runs the engine first makes SB3's own `PPO.train` and `collect_rollouts`
+raise, so the engine cannot quietly fall back to them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.utils import LinearSchedule
+
+from agents.extractor import policy_kwargs
+from agents.fast.ale_env import SpacesOnlyVecEnv
+from agents.fast.engine import FastPPO, compute_gae
+
+N_ENVS, N_STEPS, BATCH = 2, 64, 32
+OBS_SPACE = spaces.Box(0, 255, (4, 84, 84), np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def forbid_sb3_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("the fast engine called SB3's own PPO loop")
+
+    monkeypatch.setattr(PPO, "train", refuse)
+    monkeypatch.setattr(PPO, "collect_rollouts", refuse)
+
+
+def make_model(seed: int = 0) -> PPO:
+    model = PPO("CnnPolicy", SpacesOnlyVecEnv(N_ENVS, OBS_SPACE, 4), n_steps=N_STEPS,
+                batch_size=BATCH, n_epochs=3, learning_rate=LinearSchedule(2.5e-4, 0.0, 1.0),
+                clip_range=LinearSchedule(0.1, 0.0, 1.0), ent_coef=0.01, vf_coef=1.0,
+                gamma=0.99, gae_lambda=0.95, max_grad_norm=0.5, policy_kwargs=policy_kwargs("NA"),
+                seed=seed, device="cpu")
+    model.set_logger(configure(None, []))
+    return model
+
+
+def crafted_rollout(model: PPO, seed: int) -> dict[str, np.ndarray]:
+    """A rollout with episode ends (a start every ~7 steps) and log-probs off the policy's own
+    by a little, so that ratios differ from 1 and clipping happens."""
+    rng = np.random.default_rng(seed)
+    obs = rng.integers(0, 256, size=(N_STEPS, N_ENVS, 4, 84, 84), dtype=np.uint8)
+    actions = rng.integers(0, 4, size=(N_STEPS, N_ENVS))
+    with torch.no_grad():
+        values, log_probs, _ = model.policy.evaluate_actions(
+            torch.as_tensor(obs.reshape(-1, 4, 84, 84)), torch.as_tensor(actions.reshape(-1)))
+    return {
+        "obs": obs, "actions": actions,
+        "rewards": rng.choice([-1.0, 0.0, 0.0, 1.0], size=(N_STEPS, N_ENVS)).astype(np.float32),
+        "starts": (rng.random((N_STEPS, N_ENVS)) < 0.15).astype(np.float32),
+        "values": values.numpy().reshape(N_STEPS, N_ENVS),
+        "log_probs": log_probs.numpy().reshape(N_STEPS, N_ENVS)
+        + rng.normal(0, 0.15, (N_STEPS, N_ENVS)).astype(np.float32),
+        "last_values": rng.normal(size=N_ENVS).astype(np.float32),
+        "last_dones": np.array([1.0, 0.0], dtype=np.float32),
+    }
+
+
+def sb3_buffer(model: PPO, r: dict[str, np.ndarray]) -> RolloutBuffer:
+    buffer = model.rollout_buffer
+    buffer.reset()
+    for t in range(N_STEPS):
+        buffer.add(r["obs"][t], r["actions"][t][:, None], r["rewards"][t], r["starts"][t],
+                   torch.as_tensor(r["values"][t]), torch.as_tensor(r["log_probs"][t]))
+    buffer.compute_returns_and_advantage(torch.as_tensor(r["last_values"]), r["last_dones"])
+    return buffer
+
+
+def env_major(array: np.ndarray) -> torch.Tensor:
+    """(n_steps, n_envs, ...) -> SB3's swap_and_flatten order (n_envs * n_steps, ...)."""
+    return torch.as_tensor(np.ascontiguousarray(array.swapaxes(0, 1)).reshape(-1,
+                                                                              *array.shape[2:]))
+
+
+def test_gae_and_returns_match_sb3_rollout_buffer() -> None:
+    """Crafted episodes: starts mid-column, a start at step 0, a done after the last step, and
+    time-limit truncations (SB3 folds gamma * V(terminal obs) into the reward before GAE; so
+    does the engine, so the buffer sees the bootstrapped reward in both)."""
+    model = make_model()
+    r = crafted_rollout(model, seed=1)
+    r["starts"][0, :] = 1.0
+    truncated = np.zeros_like(r["rewards"], dtype=bool)
+    truncated[[9, 30], [0, 1]] = True
+    r["rewards"] = r["rewards"] + truncated * 0.99 * np.float32(2.5)  # V(terminal obs) = 2.5
+    r["starts"][[10, 31], [0, 1]] = 1.0
+    buffer = sb3_buffer(model, r)
+    advantages, returns = compute_gae(
+        torch.as_tensor(r["rewards"].T), torch.as_tensor(r["values"].T),
+        torch.as_tensor(r["starts"].T), torch.as_tensor(r["last_values"]),
+        torch.as_tensor(r["last_dones"]), 0.99, 0.95)
+    np.testing.assert_allclose(advantages.numpy().T, buffer.advantages, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(returns.numpy().T, buffer.returns, rtol=1e-5, atol=1e-5)
+    # Not vacuous: ignoring the episode starts changes the advantages.
+    wrong, _ = compute_gae(torch.as_tensor(r["rewards"].T), torch.as_tensor(r["values"].T),
+                           torch.zeros(N_ENVS, N_STEPS), torch.as_tensor(r["last_values"]),
+                           torch.as_tensor(r["last_dones"]), 0.99, 0.95)
+    assert not np.allclose(wrong.numpy().T, buffer.advantages, atol=1e-3)
+
+
+def test_two_updates_match_sb3_ppo_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same weights, same rollouts, same minibatch order (the same numpy seed, as both draw one
+    np.random.permutation per epoch): parameters, Adam state and logged losses agree."""
+    reference = make_model(seed=3)
+    fast_model = make_model(seed=4)
+    fast_model.policy.load_state_dict(reference.policy.state_dict())
+    rollouts = [crafted_rollout(reference, seed=s) for s in (11, 12)]
+    progress = [0.7, 0.6]
+
+    logged_ref = []
+    for r, p in zip(rollouts, progress, strict=True):
+        sb3_buffer(reference, r)
+        reference._current_progress_remaining = p
+        np.random.seed(123)
+        reference.train()
+        logged_ref.append(dict(reference.logger.name_to_value))
+
+    forbid_sb3_loops(monkeypatch)
+    engine = FastPPO(fast_model, source=None)
+    for i, (r, p) in enumerate(zip(rollouts, progress, strict=True)):
+        buffer = RolloutBuffer(N_STEPS, OBS_SPACE, spaces.Discrete(4), n_envs=N_ENVS)
+        engine_values = env_major(r["values"])
+        engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(), engine_values,
+                            env_major(r["log_probs"]), torch.zeros(N_ENVS * N_STEPS),
+                            torch.zeros(N_ENVS * N_STEPS))
+        engine.set_rollout_returns(torch.as_tensor(r["rewards"].T), torch.as_tensor(r["starts"].T),
+                                   torch.as_tensor(r["last_values"]),
+                                   torch.as_tensor(r["last_dones"]))
+        del buffer
+        fast_model._current_progress_remaining = p
+        np.random.seed(123)
+        engine.train()
+        logged = fast_model.logger.name_to_value
+        for key in ("train/loss", "train/policy_gradient_loss", "train/value_loss",
+                    "train/entropy_loss", "train/approx_kl", "train/clip_fraction",
+                    "train/explained_variance", "train/clip_range", "train/learning_rate"):
+            assert logged[key] == pytest.approx(logged_ref[i][key], rel=1e-4, abs=1e-6), key
+        assert logged_ref[i]["train/clip_fraction"] > 0  # the clipped branch was exercised
+
+    for (name, p_ref), p_fast in zip(reference.policy.named_parameters(),
+                                     fast_model.policy.parameters(), strict=True):
+        torch.testing.assert_close(p_fast, p_ref, rtol=1e-5, atol=1e-6, msg=name)
+    ref_state = reference.policy.optimizer.state_dict()["state"]
+    fast_state = fast_model.policy.optimizer.state_dict()["state"]
+    assert ref_state.keys() == fast_state.keys()
+    for key, state in ref_state.items():
+        assert float(fast_state[key]["step"]) == float(state["step"]) == 2 * 3 * 4
+        torch.testing.assert_close(fast_state[key]["exp_avg_sq"], state["exp_avg_sq"],
+                                   rtol=1e-4, atol=1e-10)
+    assert fast_model._n_updates == reference._n_updates == 6
+    # Not vacuous: another minibatch order gives other parameters.
+    other = make_model(seed=5)
+    other.policy.load_state_dict(reference.policy.state_dict())
+    other_engine = FastPPO(other, source=None)
+    other_engine.load_rollout(env_major(rollouts[0]["obs"]),
+                              env_major(rollouts[0]["actions"]).long(),
+                              env_major(rollouts[0]["values"]), env_major(rollouts[0]["log_probs"]),
+                              torch.ones(N_ENVS * N_STEPS), torch.ones(N_ENVS * N_STEPS))
+    other._current_progress_remaining = 0.7
+    before = copy.deepcopy(other.policy.state_dict())
+    other_engine.train()
+    assert any(not torch.equal(before[k], v) for k, v in other.policy.state_dict().items())
+
+
+def _sync_ops(prof: torch.profiler.profile) -> tuple[int, int, int]:
+    """(host syncs inside minibatch ranges, host syncs in all, minibatch ranges)."""
+    events = prof.events()
+    ranges = [e.time_range for e in events if e.name == "satrl::minibatch"]
+    syncs = [e.time_range for e in events
+             if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    inside = sum(1 for s in syncs if any(r.start <= s.start and s.end <= r.end for r in ranges))
+    return inside, len(syncs), len(ranges)
+
+
+def test_no_host_sync_inside_the_minibatch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's profiler sees no aten::item/_local_scalar_dense in any of the update's 12
+    minibatches (3 epochs x 128/32), and at most a handful per update (the Adam step counts of
+    a loaded optimizer, read once, and the one read-back of the statistics)."""
+    model = make_model()
+    r = crafted_rollout(model, seed=7)
+    forbid_sb3_loops(monkeypatch)
+    engine = FastPPO(model, source=None)
+    engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(),
+                        env_major(r["values"]), env_major(r["log_probs"]),
+                        torch.randn(N_ENVS * N_STEPS), torch.randn(N_ENVS * N_STEPS))
+    model._current_progress_remaining = 0.5
+    engine.train()  # a first update, so the second starts with a loaded Adam state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine.train()
+    inside, total, minibatches = _sync_ops(prof)
+    assert minibatches == 12
+    assert inside == 0
+    assert total <= 2
+
+
+def test_profiler_counts_the_syncs_of_sb3_train() -> None:
+    """The counting itself works: SB3's PPO.train does several .item() per minibatch."""
+    model = make_model()
+    sb3_buffer(model, crafted_rollout(model, seed=8))
+    model._current_progress_remaining = 0.5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model.train()
+    syncs = sum(1 for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense"))
+    assert syncs >= 12 * 4
