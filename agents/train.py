@@ -310,7 +310,14 @@ class Worker:
         seed = spec.seed + step
         monitor_dir = run_dir / rundir.MONITOR_DIR
         monitor_dir.mkdir(parents=True, exist_ok=True)
-        train_env = make_train_env(spec, monitor_dir, seed=seed, append_monitor=True)
+        source = None  # the fast path's games (agents.fast); SB3 then only sees a stand-in
+        if spec.engine == "fast":
+            from agents.fast.ale_env import AtariVectorSource
+
+            source = AtariVectorSource(spec, monitor_dir=monitor_dir, append_monitor=True)
+            train_env = source.stand_in()
+        else:
+            train_env = make_train_env(spec, monitor_dir, seed=seed, append_monitor=True)
         eval_env = make_eval_env(spec, monitor_dir, seed=spec.seed + EVAL_SEED_OFFSET + step,
                                  append_monitor=True)
         try:
@@ -333,8 +340,15 @@ class Worker:
             if self.stop.poll() is None:
                 # reset_num_timesteps=False: SB3 sets its total to num_timesteps + remaining =
                 # total_timesteps, so progress_remaining (lr, clip) continues across attempts.
-                self.model.learn(remaining, callback=callbacks, log_interval=1,
-                                 tb_log_name="PPO", reset_num_timesteps=False)
+                if source is not None:  # same algorithm and callbacks, device-resident loop
+                    from agents.fast.engine import FastPPO
+
+                    FastPPO(self.model, source).learn(remaining, callback=callbacks,
+                                                      log_interval=1, tb_log_name="PPO",
+                                                      reset_num_timesteps=False, seed=seed)
+                else:
+                    self.model.learn(remaining, callback=callbacks, log_interval=1,
+                                     tb_log_name="PPO", reset_num_timesteps=False)
             self.heartbeat.timesteps = self.model.num_timesteps
             if self.model.num_timesteps > step:
                 # Always, even where the schedule saved at this step already: a scheduled
@@ -348,6 +362,8 @@ class Worker:
                     self.model.logger.close()
             train_env.close()
             eval_env.close()
+            if source is not None:
+                source.close()
 
     def _new_model(self, train_env: Any) -> PPO:
         from stable_baselines3 import PPO
