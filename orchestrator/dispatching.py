@@ -1,0 +1,355 @@
+"""`satrl dispatch`: queued runs become scheduler jobs, without losing or doubling any.
+
+For each batch (an array of at most `[dispatch] max_array` runs of one experiment):
+
+1. claim: in one transaction, the runs go queued -> submitted (only those still queued), each
+   gets a jobs row holding the batch token (the job's name) and no job id yet; committed;
+2. the run directories get their run.json (atomically) and logs/; the job script is written;
+3. submit (sbatch / qsub / the local runner);
+4. record the job ids in a second transaction.
+
+A crash between 3 and 4 leaves jobs rows with a token and no id. The next dispatch, sync or status
+(`recover_pending`) asks the scheduler for jobs of that name: found, the ids are recorded; not
+found and the run directory shows no sign of the job, the runs go back to queued. A submission
+the scheduler refused is rolled back the same way, with an event saying why. Dispatches of one
+workspace are serialised by a file lock, so recovery never mistakes a submission in flight for a
+crashed one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from agents.spec import RunSpec
+from orchestrator import lifecycle
+from orchestrator.errors import SatrlError, UsageError
+from orchestrator.paths import run_dir as run_dir_path
+from orchestrator.registry.db import Registry
+from orchestrator.registry.models import Event, Experiment, Job, Run, RunState
+from orchestrator.registry.queries import RunFilter, select_runs
+from orchestrator.resources import Resources, resolve_resources
+from orchestrator.schedulers import batches_folder, get_scheduler, python_interpreter
+from orchestrator.schedulers.base import Batch, BatchMember, Scheduler
+
+#: Largest array by default (Slurm's default MaxArraySize is 1001; PBS's max_array_size 10000).
+DEFAULT_MAX_ARRAY = 1000
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    run_filter: RunFilter
+    backend: str | None = None
+    limit: int | None = None
+    #: Resource overrides from the command line (None values are ignored).
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlannedBatch:
+    """A batch as `--dry-run` shows it and dispatch submits it."""
+
+    batch: Batch
+    runs: list[tuple[int, str]]
+    command: list[str]
+    script: str
+    job_ids: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.batch.token, "runs": [rid for rid, _ in self.runs],
+                "keys": [key for _, key in self.runs], "command": self.command,
+                "script_path": str(self.batch.script_path), "job_ids": list(self.job_ids)}
+
+
+@dataclass
+class DispatchResult:
+    backend: str
+    resources: Resources
+    batches: list[PlannedBatch]
+    dry_run: bool
+    recovered: int = 0
+
+    @property
+    def run_ids(self) -> list[int]:
+        return [rid for planned in self.batches for rid, _ in planned.runs]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "dry_run": self.dry_run, "recovered": self.recovered,
+                "resources": self.resources.to_json(), "runs": len(self.run_ids),
+                "batches": [b.to_json() for b in self.batches]}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_token() -> str:
+    """A batch token: the job name (letters first, as PBS wants; short, as squeue shows)."""
+    return f"satrl-{secrets.token_hex(5)}"
+
+
+@contextlib.contextmanager
+def dispatch_lock(settings: Any, *, blocking: bool = True) -> Iterator[bool]:
+    """The workspace's dispatch lock; yields False when not blocking and someone holds it."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(settings.workspace) / ".satrl"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / "dispatch.lock"))
+    try:
+        lock.acquire(timeout=600 if blocking else 0)
+    except Timeout:
+        if blocking:
+            raise SatrlError(f"another satrl dispatch holds {folder / 'dispatch.lock'}") from None
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
+             dry_run: bool = False) -> DispatchResult:
+    """Submit the queued runs matching the request; see the module's docstring."""
+    backend = request.backend or settings.backend
+    scheduler = get_scheduler(backend, settings)
+    resources = resolve_resources(settings, backend, request.resources)
+    if request.limit is not None and request.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    with dispatch_lock(settings):
+        recovered = 0 if dry_run else recover_pending(registry, settings)
+        planned = plan_batches(registry, settings, scheduler, resources, request)
+        result = DispatchResult(backend, resources, planned, dry_run, recovered)
+        if dry_run:
+            return result
+        for batch in planned:
+            submit_batch(registry, scheduler, batch)
+        result.batches = [b for b in planned if b.job_ids]
+    return result
+
+
+def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
+                 resources: Resources, request: DispatchRequest) -> list[PlannedBatch]:
+    """The queued runs of the request, grouped into batches with their scripts and commands."""
+    from orchestrator.images import resolve_job_image
+
+    statement = select_runs(request.run_filter).where(Run.state == RunState.QUEUED.value)
+    if request.limit:
+        statement = statement.limit(request.limit)
+    max_array = int(settings.section("dispatch").get("max_array", DEFAULT_MAX_ARRAY))
+    planned: list[PlannedBatch] = []
+    with registry.session() as session:
+        runs = list(session.scalars(statement))
+        by_experiment: dict[int, list[Run]] = {}
+        for run in runs:
+            by_experiment.setdefault(run.experiment_id, []).append(run)
+        for experiment_id, group in by_experiment.items():
+            experiment = session.get(Experiment, experiment_id)
+            image = resolve_job_image(session, settings, experiment)
+            launch = launch_command(settings, image)
+            for start in range(0, len(group), max_array):
+                chunk = group[start:start + max_array]
+                token = new_token()
+                members = tuple(
+                    BatchMember(run.id, run_dir_path(settings.scratch, experiment.name, run.game,
+                                                     run.attn, run.seed)) for run in chunk)
+                margin = max(float(run.spec.get("deadline_margin_s", 300.0)) for run in chunk)
+                batch = Batch(token, members, resources, batches_folder(settings) / token,
+                              launch, image.digest if image else None,
+                              int(math.ceil(margin)))
+                planned.append(PlannedBatch(batch, [(run.id, run.key) for run in chunk],
+                                            scheduler.submit_command(batch),
+                                            scheduler.render_script(batch)))
+    return planned
+
+
+def launch_command(settings: Any, image: Any) -> tuple[str, ...]:
+    """The worker's command before RUN_DIR: the configured python, or apptainer exec IMAGE."""
+    if image is None:
+        return (python_interpreter(settings), "-m", "agents.train")
+    section = settings.section("image")
+    scratch = str(settings.scratch)
+    gpu_flag = "--nv" if image.flavor == "cuda" else "--rocm"
+    binds = [f"{scratch}:{scratch}", *[str(b) for b in section.get("binds", [])]]
+    command = ["apptainer", "exec", gpu_flag]
+    for bind in binds:
+        command += ["--bind", bind]
+    return (*command, image.path, str(section.get("python", "python")), "-m", "agents.train")
+
+
+def submit_batch(registry: Registry, scheduler: Scheduler, planned: PlannedBatch) -> None:
+    """Claim, prepare, submit and record one batch (module docstring, steps 1-4)."""
+    batch = planned.batch
+    claimed = claim_runs(registry, scheduler.name, batch)
+    if not claimed:
+        return
+    if len(claimed) < len(batch.members):  # another dispatcher took some: submit the rest
+        batch = Batch(batch.token, tuple(m for m in batch.members if m.run_id in claimed),
+                      batch.resources, batch.folder, batch.launch, batch.image_digest,
+                      batch.signal_margin_s)
+        planned.batch = batch
+        planned.runs = [(rid, key) for rid, key in planned.runs if rid in claimed]
+    try:
+        with registry.session() as session:
+            specs = {run.id: run.spec for run in session.scalars(
+                select(Run).where(Run.id.in_(list(claimed))))}
+        for member in batch.members:
+            prepare_run_dir(member.run_dir, specs[member.run_id], member.run_id)
+        submission = scheduler.submit(batch)
+    except (SatrlError, OSError) as error:
+        release_claim(registry, batch.token, f"submission failed: {error}")
+        raise
+    record_submission(registry, batch.token, submission.job_ids, submission.array_job_id)
+    planned.job_ids = submission.job_ids
+
+
+def claim_runs(registry: Registry, backend: str, batch: Batch) -> set[int]:
+    """Transaction 1: queued -> submitted with a jobs row (token, no id); the runs claimed."""
+    claimed: set[int] = set()
+    now = utcnow()
+    with registry.write() as session:
+        for index, member in enumerate(batch.members):
+            changed = session.execute(
+                update(Run).where(Run.id == member.run_id, Run.state == RunState.QUEUED.value)
+                .values(state=RunState.SUBMITTED.value, attempts=Run.attempts + 1,
+                        run_dir=str(member.run_dir), updated_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not changed:
+                continue
+            attempts = session.scalar(select(Run.attempts).where(Run.id == member.run_id))
+            session.add(Job(run_id=member.run_id, attempt=attempts, backend=backend,
+                            batch=batch.token, array_index=index, scheduler_state="submitting",
+                            submitted_at=now))
+            session.add(Event(run_id=member.run_id, at=now, from_state=RunState.QUEUED.value,
+                              to_state=RunState.SUBMITTED.value,
+                              why=f"dispatched to {backend} in batch {batch.token}"))
+            claimed.add(member.run_id)
+    return claimed
+
+
+def prepare_run_dir(run_dir: Path, spec: dict[str, Any], run_id: int) -> None:
+    """run.json (atomically), logs/, and a previous attempt's exit.json moved into logs/."""
+    from agents.rundir import EXIT_JSON, LOGS_DIR, read_json, write_bytes
+
+    (run_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+    old_exit = run_dir / EXIT_JSON
+    if old_exit.exists():
+        # exit.json describes the attempt that ended; the next one must not be judged by it.
+        data = read_json(old_exit)
+        attempt = data.get("attempt") if isinstance(data, dict) else None
+        target = run_dir / LOGS_DIR / f"exit-attempt-{attempt or int(time.time())}.json"
+        os.replace(old_exit, target)
+    import json
+
+    body = RunSpec.from_dict(spec).replace(run_id=run_id).to_dict()
+    write_bytes(run_dir / "run.json", (json.dumps(body, indent=2) + "\n").encode())
+
+
+def record_submission(registry: Registry, token: str, job_ids: Sequence[str],
+                      array_job_id: str | None) -> None:
+    """Transaction 2: the scheduler's ids on the batch's jobs rows."""
+    now = utcnow()
+    with registry.write() as session:
+        jobs = list(session.scalars(select(Job).where(Job.batch == token)
+                                    .order_by(Job.array_index)))
+        for position, job in enumerate(jobs):
+            if position < len(job_ids):
+                job.job_id = job_ids[position]
+                job.array_job_id = array_job_id
+                job.scheduler_state = "submitted"
+                job.submitted_at = now
+                job.seen_at = now
+
+
+def release_claim(registry: Registry, token: str, why: str) -> list[int]:
+    """Undo transaction 1 of a batch the scheduler never got: runs back to queued."""
+    released = []
+    now = utcnow()
+    with registry.write() as session:
+        for job in list(session.scalars(select(Job).where(Job.batch == token,
+                                                          Job.job_id.is_(None)))):
+            run = session.get(Run, job.run_id)
+            if run is not None and run.state == RunState.SUBMITTED.value:
+                lifecycle.check_transition(run.state, RunState.QUEUED)
+                run.state = RunState.QUEUED.value
+                run.attempts = max(0, run.attempts - 1)
+                session.add(Event(run_id=run.id, at=now, from_state=RunState.SUBMITTED.value,
+                                  to_state=RunState.QUEUED.value, why=why))
+                released.append(run.id)
+            session.delete(job)
+    return released
+
+
+def recover_pending(registry: Registry, settings: Any) -> int:
+    """Finish or undo submissions interrupted by a crash (jobs rows with a token, no id).
+
+    Call it holding the dispatch lock. Returns how many runs were recovered either way.
+    """
+    with registry.session() as session:
+        pending = list(session.execute(
+            select(Job.batch, Job.backend, Job.submitted_at, Job.run_id, Run.run_dir)
+            .join(Run, Run.id == Job.run_id)
+            .where(Job.job_id.is_(None), Job.batch.is_not(None), Job.ended_at.is_(None),
+                   Run.state == RunState.SUBMITTED.value)))
+    if not pending:
+        return 0
+    by_backend: dict[str, set[str]] = {}
+    for token, backend, _claimed_at, _run_id, _dir in pending:
+        by_backend.setdefault(backend, set()).add(token)
+    recovered = 0
+    for backend, tokens in by_backend.items():
+        found = get_scheduler(backend, settings).find_by_names(sorted(tokens))
+        for token in tokens:
+            members = found.get(token)
+            if members:
+                ids = [members[i] for i in sorted(members)]
+                array_id = _array_id(backend, ids)
+                record_submission(registry, token, ids, array_id)
+                recovered += len(ids)
+            elif not _shows_activity([(row[4], row[2]) for row in pending if row[0] == token]):
+                recovered += len(release_claim(
+                    registry, token, f"batch {token} never reached the {backend} scheduler "
+                    "(dispatch was interrupted); queued again"))
+    return recovered
+
+
+def _array_id(backend: str, ids: list[str]) -> str | None:
+    if backend == "slurm":
+        return ids[0].split("_")[0]
+    if backend == "pbs":
+        return ids[0].split("[")[0] + "[]." + ids[0].split(".", 1)[1] if "[" in ids[0] else None
+    return ids[0].split("[")[0]
+
+
+def _shows_activity(members: list[tuple[str | None, datetime | None]]) -> bool:
+    """Whether a job of this batch ran although the scheduler does not list it: a job log
+    written after the batch was claimed."""
+    for run_dir, claimed_at in members:
+        if not run_dir:
+            continue
+        since = _epoch(claimed_at) - 1.0
+        for log in Path(run_dir, "logs").glob("attempt-*.out"):
+            with contextlib.suppress(OSError):
+                if log.stat().st_mtime >= since:
+                    return True
+    return False
+
+
+def _epoch(moment: datetime | None) -> float:
+    if moment is None:
+        return 0.0
+    if moment.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

@@ -1,0 +1,355 @@
+"""Reconciliation: the registry catches up with the run directories and the schedulers.
+
+One round (`satrl status`, `satrl sync`, each tick of `--watch` and `dispatch --wait`):
+
+1. interrupted submissions are recovered (dispatching.recover_pending), when no dispatch runs;
+2. the active runs (submitted, running) and the lost ones are read with their newest job;
+3. each backend with active jobs is asked once, for all of them, unless it was asked less than
+   its `poll_interval_s` ago by any satrl process (the last poll time is in scheduler_polls);
+4. each run's exit.json / status.json and the scheduler's answer go through lifecycle.decide;
+5. the changes are written in one transaction, each transition with an event, each ended attempt
+   with its reason, exit status, node and provenance on its jobs row;
+6. with `[dispatch] auto_requeue = true`, runs that hit their walltime or were lost go back to
+   queued and are dispatched again, up to `max_attempts` submissions each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from orchestrator import lifecycle
+from orchestrator.errors import SatrlError
+from orchestrator.lifecycle import NOT_ASKED, Decision, FileView, SchedulerView
+from orchestrator.registry.db import Registry
+from orchestrator.registry.models import (
+    Event,
+    Experiment,
+    Job,
+    Reason,
+    Run,
+    RunState,
+    SchedulerPoll,
+)
+from orchestrator.registry.queries import RunFilter
+from orchestrator.schedulers import get_scheduler
+from orchestrator.schedulers.base import JobState, PollResult
+
+#: Default seconds a job may go unlisted by its scheduler, with no heartbeat, before it is lost.
+DEFAULT_LOST_GRACE_S = 600.0
+#: Clock slack between the login node and compute nodes when matching files to a submission.
+CLOCK_SLACK_S = 5.0
+
+
+@dataclass
+class Transition:
+    run_id: int
+    key: str
+    from_state: str
+    to_state: str
+    why: str
+    reason: str | None = None
+
+
+@dataclass
+class ReconcileResult:
+    """What one round did."""
+
+    #: backend -> whether its scheduler was asked this round.
+    polled: dict[str, bool] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
+    #: job id -> why the scheduler's record of it could not be read.
+    unreadable: dict[str, str] = field(default_factory=dict)
+    requeued: list[int] = field(default_factory=list)
+    recovered: int = 0
+    #: Scheduler failures: the round went on with the run directories alone.
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"polled": self.polled, "recovered": self.recovered, "requeued": self.requeued,
+                "unreadable": self.unreadable, "errors": self.errors,
+                "transitions": [t.__dict__ for t in self.transitions]}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The scheduler's answer about one job: the view `decide` takes, and the raw words."""
+
+    view: SchedulerView
+    raw_state: str | None = None
+    node: str | None = None
+
+
+NO_ANSWER = Answer(NOT_ASKED)
+
+
+@dataclass
+class _Tracked:
+    """One run under reconciliation, with its newest job."""
+
+    run_id: int
+    key: str
+    state: RunState
+    run_dir: str | None
+    attempts: int
+    job_pk: int
+    backend: str
+    job_id: str | None
+    submitted_at: float
+    seen_at: float | None
+    scheduler_state: str | None
+
+
+def epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite gives naive datetimes; satrl stores UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def from_epoch(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def settings_value(settings: Any, key: str, default: Any) -> Any:
+    return settings.section("dispatch").get(key, default)
+
+
+def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = None, *,
+              force: bool = False, now: float | None = None,
+              auto_requeue: bool | None = None) -> ReconcileResult:
+    """One reconciliation round over the runs matching `run_filter` (module docstring)."""
+    from orchestrator.dispatching import dispatch_lock, recover_pending
+
+    result = ReconcileResult()
+    with dispatch_lock(settings, blocking=False) as locked:
+        if locked:
+            try:
+                result.recovered = recover_pending(registry, settings)
+            except SatrlError as error:
+                result.errors.append(f"recovering interrupted dispatches: {error}")
+    now = time.time() if now is None else now
+    grace_s = float(settings_value(settings, "lost_grace_s", DEFAULT_LOST_GRACE_S))
+    tracked = _load(registry, run_filter or RunFilter())
+    if not tracked:
+        return result
+    answers = _poll(registry, settings, tracked, result, now, force)
+    decisions: list[tuple[_Tracked, Decision, Answer]] = []
+    for run in tracked:
+        answer = answers.get(run.job_pk, NO_ANSWER)
+        files = read_files(run.run_dir, run.submitted_at)
+        since = max(run.seen_at or 0.0, run.submitted_at)
+        decision = lifecycle.decide(run.state, files, answer.view, now=now, since=since,
+                                    grace_s=grace_s)
+        decisions.append((run, decision, answer))
+    _write(registry, decisions, result, now)
+    if auto_requeue is None:
+        auto_requeue = bool(settings_value(settings, "auto_requeue", False))
+    if auto_requeue:
+        _auto_requeue(registry, settings, decisions, result)
+    return result
+
+
+def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
+    newest = (select(Job.run_id, func.max(Job.id).label("job_pk"))
+              .group_by(Job.run_id).subquery())
+    states = [RunState.SUBMITTED.value, RunState.RUNNING.value, RunState.LOST.value]
+    statement = run_filter.apply(
+        select(Run.id, Run.game, Run.attn, Run.seed, Run.state, Run.run_dir, Run.attempts,
+               Job.id, Job.backend, Job.job_id, Job.submitted_at, Job.seen_at,
+               Job.scheduler_state)
+        .join(Experiment, Run.experiment_id == Experiment.id)
+        .join(newest, newest.c.run_id == Run.id)
+        .join(Job, Job.id == newest.c.job_pk)
+        .where(Run.state.in_(states))
+        .order_by(Run.id))
+    tracked = []
+    with registry.session() as session:
+        for (rid, game, attn, seed, state, run_dir, attempts, job_pk, backend, job_id,
+             submitted_at, seen_at, sched_state) in session.execute(statement):
+            tracked.append(_Tracked(rid, f"{game}/{attn}/{seed}", RunState(state), run_dir,
+                                    attempts, job_pk, backend, job_id,
+                                    epoch(submitted_at) or 0.0, epoch(seen_at), sched_state))
+    return tracked
+
+
+def claim_poll(registry: Registry, backend: str, interval_s: float, now: float,
+               force: bool) -> bool:
+    """Whether this process may ask `backend`'s scheduler now (and if so, note that it does)."""
+    with registry.write() as session:
+        row = session.scalar(select(SchedulerPoll).where(SchedulerPoll.backend == backend)
+                             .with_for_update())
+        if row is None:
+            session.add(SchedulerPoll(backend=backend, polled_at=from_epoch(now), calls=1))
+            return True
+        last = epoch(row.polled_at) or 0.0
+        if not force and 0 <= now - last < interval_s:
+            return False
+        row.polled_at = from_epoch(now)
+        row.calls = row.calls + 1
+        return True
+
+
+def _poll(registry: Registry, settings: Any, tracked: list[_Tracked], result: ReconcileResult,
+          now: float, force: bool) -> dict[int, Answer]:
+    """One scheduler call per backend for all of its active jobs; job pk -> its answer."""
+    by_backend: dict[str, list[_Tracked]] = {}
+    for run in tracked:
+        if run.job_id and run.state.is_active():
+            by_backend.setdefault(run.backend, []).append(run)
+    answers: dict[int, Answer] = {}
+    for backend, runs in by_backend.items():
+        try:
+            scheduler = get_scheduler(backend, settings)
+            if not claim_poll(registry, backend, scheduler.poll_interval_s, now, force):
+                result.polled[backend] = False
+                continue
+            reply: PollResult = scheduler.poll([run.job_id for run in runs if run.job_id])
+        except SatrlError as error:
+            result.polled[backend] = False
+            result.errors.append(f"{backend}: {error}")
+            continue
+        result.polled[backend] = True
+        result.unreadable.update(reply.unreadable)
+        for run in runs:
+            status = reply.jobs.get(run.job_id or "")
+            if status is not None:
+                answers[run.job_pk] = Answer(SchedulerView(
+                    True, status.state, status.exit_status, status.detail),
+                    status.raw_state, status.node)
+            elif run.job_id in reply.unreadable:
+                # Listed but unreadable: seen (so never lost for it), state unknown.
+                answers[run.job_pk] = Answer(SchedulerView(True, JobState.UNKNOWN),
+                                             "unreadable")
+            else:
+                answers[run.job_pk] = Answer(SchedulerView(True, None))
+    return answers
+
+
+def read_files(run_dir: str | None, submitted_at: float) -> FileView:
+    """exit.json and status.json of a run directory, as far as they belong to this job."""
+    from agents.rundir import EXIT_JSON, STATUS_JSON, read_json
+
+    if not run_dir:
+        return FileView()
+    folder = Path(run_dir)
+    exit_info = read_json(folder / EXIT_JSON)
+    status = read_json(folder / STATUS_JSON)
+    heartbeat = None
+    if isinstance(status, dict) and isinstance(status.get("updated_at"), int | float) \
+            and status["updated_at"] >= submitted_at - CLOCK_SLACK_S:
+        heartbeat = float(status["updated_at"])
+    if not isinstance(exit_info, dict):
+        return FileView(heartbeat_at=heartbeat)
+    code = exit_info.get("exit_code")
+    ended = exit_info.get("ended_at")
+    return FileView(
+        exit_reason=str(exit_info.get("reason")) if exit_info.get("reason") else None,
+        exit_code=code if isinstance(code, int) else None,
+        exit_message=str(exit_info.get("message", ""))[:500],
+        exit_at=float(ended) if isinstance(ended, int | float) else None,
+        heartbeat_at=heartbeat,
+    )
+
+
+def attempt_provenance(run_dir: str | None, submitted_at: float) -> dict[str, Any] | None:
+    """provenance.json's entry of the newest attempt started since this job's submission."""
+    from agents.rundir import PROVENANCE_JSON, read_json
+
+    if not run_dir:
+        return None
+    data = read_json(Path(run_dir) / PROVENANCE_JSON)
+    attempts = data.get("attempts") if isinstance(data, dict) else None
+    if not isinstance(attempts, list):
+        return None
+    mine = [a for a in attempts if isinstance(a, dict)
+            and isinstance(a.get("started_at"), int | float)
+            and a["started_at"] >= submitted_at - CLOCK_SLACK_S]
+    return mine[-1] if mine else None
+
+
+def _write(registry: Registry, decisions: list[tuple[_Tracked, Decision, Answer]],
+           result: ReconcileResult, now: float) -> None:
+    stamp = from_epoch(now)
+    seen = []
+    for run, _decision, answer in decisions:
+        if answer.view.listed:
+            row: dict[str, Any] = {"id": run.job_pk, "seen_at": stamp,
+                                   "scheduler_state": (answer.raw_state or "")[:32]}
+            if answer.node:
+                row["node"] = answer.node[:200]
+            seen.append(row)
+    changes = [(run, decision, answer) for run, decision, answer in decisions
+               if decision.state != run.state]
+    if not seen and not changes:
+        return
+    with registry.write() as session:
+        if seen:
+            session.execute(update(Job), seen)
+        for run, decision, answer in changes:
+            moved = session.execute(
+                update(Run).where(Run.id == run.run_id, Run.state == run.state.value)
+                .values(state=decision.state.value, updated_at=stamp)
+                .execution_options(synchronize_session=False)).rowcount
+            if not moved:
+                continue  # another process moved it first: its view wins
+            session.add(Event(run_id=run.run_id, at=stamp, from_state=run.state.value,
+                              to_state=decision.state.value, why=decision.why))
+            job = session.get(Job, run.job_pk)
+            if job is not None:
+                _update_job(job, run, decision, answer, stamp)
+            result.transitions.append(Transition(
+                run.run_id, run.key, run.state.value, decision.state.value, decision.why,
+                decision.reason.value if decision.reason else None))
+
+
+def _update_job(job: Job, run: _Tracked, decision: Decision, answer: Answer,
+                stamp: datetime) -> None:
+    provenance = attempt_provenance(run.run_dir, run.submitted_at)
+    if provenance is not None:
+        job.provenance = provenance
+        job.node = job.node or provenance.get("host")
+        job.image_digest = provenance.get("image_digest") or job.image_digest
+        if job.started_at is None and isinstance(provenance.get("started_at"), int | float):
+            job.started_at = from_epoch(provenance["started_at"])
+    if decision.state == RunState.RUNNING and job.started_at is None:
+        job.started_at = stamp
+    if decision.ended:
+        job.reason = decision.reason.value if decision.reason else None
+        job.ended_at = stamp
+        files = read_files(run.run_dir, run.submitted_at)
+        if files.exit_at is not None:
+            job.ended_at = from_epoch(files.exit_at)
+        # The worker's exit code, else the scheduler's exit status (a worker killed hard).
+        job.exit_status = files.exit_code if files.exit_code is not None \
+            else answer.view.exit_status
+
+
+def _auto_requeue(registry: Registry, settings: Any,
+                  decisions: list[tuple[_Tracked, Decision, Answer]],
+                  result: ReconcileResult) -> None:
+    from orchestrator.runctl import requeue_and_dispatch
+
+    max_attempts = int(settings_value(settings, "max_attempts", 3))
+    moved = {t.run_id for t in result.transitions}
+    candidates: dict[str, list[int]] = {}
+    for run, decision, _ in decisions:
+        if run.run_id not in moved or run.attempts >= max_attempts:
+            continue
+        if decision.reason in (Reason.WALLTIME, Reason.LOST):
+            candidates.setdefault(run.backend, []).append(run.run_id)
+    for backend, run_ids in candidates.items():
+        try:
+            requeued = requeue_and_dispatch(
+                registry, settings, run_ids, backend=backend,
+                why=f"auto-requeue (at most {max_attempts} attempts)")
+        except SatrlError as error:
+            result.errors.append(f"auto-requeue on {backend}: {error}")
+            continue
+        result.requeued.extend(requeued)

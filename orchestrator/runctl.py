@@ -1,0 +1,228 @@
+"""Run control: requeue (and resubmit), cancel, and the job logs of an attempt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from orchestrator import lifecycle
+from orchestrator.errors import NotFoundError, UsageError
+from orchestrator.registry.db import Registry
+from orchestrator.registry.models import Event, Job, Reason, Run, RunState
+from orchestrator.registry.queries import RunFilter
+from orchestrator.schedulers import get_scheduler
+
+REQUEUABLE = (RunState.FAILED, RunState.LOST, RunState.CANCELLED)
+
+
+@dataclass
+class RequeueResult:
+    #: (run id, key) of the runs moved back to queued.
+    requeued: list[tuple[int, str]] = field(default_factory=list)
+    #: key -> why it was left alone.
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: run ids dispatched again.
+    dispatched: list[int] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requeued": [{"id": rid, "run": key} for rid, key in self.requeued],
+                "skipped": self.skipped, "dispatched": self.dispatched, "dry_run": self.dry_run}
+
+
+def _newest_jobs(session: Any, run_ids: list[int]) -> dict[int, Job]:
+    if not run_ids:
+        return {}
+    newest = (select(func.max(Job.id)).where(Job.run_id.in_(run_ids))
+              .group_by(Job.run_id))
+    return {job.run_id: job for job in session.scalars(select(Job).where(Job.id.in_(newest)))}
+
+
+def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
+            states: tuple[str, ...] = (), walltime_only: bool = False,
+            backend: str | None = None, dry_run: bool = False,
+            dispatch_now: bool = True) -> RequeueResult:
+    """Move ended runs back to queued and submit them again; the worker resumes from its
+    newest checkpoint. `states` picks among failed, lost and cancelled (default: all three);
+    `walltime_only` keeps the failed runs whose last attempt hit its time limit."""
+    from orchestrator.registry.queries import select_runs
+
+    explicit = set(states) if states or walltime_only else {s.value for s in REQUEUABLE}
+    wanted = explicit | ({RunState.FAILED.value} if walltime_only else set())
+    result = RequeueResult(dry_run=dry_run)
+    with registry.session() as session:
+        runs = list(session.scalars(select_runs(run_filter).where(Run.state.in_(wanted))))
+        jobs = _newest_jobs(session, [run.id for run in runs])
+        candidates = []
+        for run in runs:
+            job = jobs.get(run.id)
+            hit_walltime = job is not None and job.reason == Reason.WALLTIME.value
+            if run.state in explicit or (walltime_only and hit_walltime):
+                candidates.append((run.id, run.key, job.backend if job else None,
+                                   job.job_id if job else None))
+    still_running = _still_in_scheduler(settings, candidates)
+    ready = []
+    for run_id, key, job_backend, job_id in candidates:
+        if job_id in still_running:
+            result.skipped[key] = (f"job {job_id} is still {still_running[job_id]} in "
+                                   f"{job_backend}: requeue it once it has stopped")
+        else:
+            ready.append((run_id, key, job_backend))
+    result.requeued = [(rid, key) for rid, key, _ in ready]
+    if dry_run or not ready:
+        return result
+    moved = move_to_queued(registry, [rid for rid, _, _ in ready], "requeued by the user")
+    result.requeued = [(rid, key) for rid, key, _ in ready if rid in moved]
+    if dispatch_now:
+        by_backend: dict[str, list[int]] = {}
+        for rid, _, job_backend in ready:
+            if rid in moved:
+                by_backend.setdefault(backend or job_backend or settings.backend, []).append(rid)
+        for name, run_ids in by_backend.items():
+            result.dispatched += _dispatch_ids(registry, settings, run_ids, name)
+    return result
+
+
+def _still_in_scheduler(settings: Any, candidates: list[tuple[int, str, str | None, str | None]]
+                        ) -> dict[str, str]:
+    """job id -> state, for the candidates' jobs their scheduler still has pending or running
+    (one call per backend): a second worker must not start in a directory still in use."""
+    by_backend: dict[str, list[str]] = {}
+    for _, _, backend, job_id in candidates:
+        if backend and job_id:
+            by_backend.setdefault(backend, []).append(job_id)
+    busy: dict[str, str] = {}
+    for backend, job_ids in by_backend.items():
+        reply = get_scheduler(backend, settings).poll(job_ids)
+        busy.update({job_id: status.state.value for job_id, status in reply.jobs.items()
+                     if status.state.is_active() and status.state.value != "unknown"})
+    return busy
+
+
+def move_to_queued(registry: Registry, run_ids: list[int], why: str) -> set[int]:
+    """failed | lost | cancelled -> queued, each with an event; the ids actually moved."""
+    moved: set[int] = set()
+    with registry.write() as session:
+        for run in session.scalars(select(Run).where(Run.id.in_(run_ids))):
+            if not lifecycle.can_transition(run.state, RunState.QUEUED):
+                continue
+            session.add(Event(run_id=run.id, from_state=run.state,
+                              to_state=RunState.QUEUED.value, why=why))
+            run.state = RunState.QUEUED.value
+            moved.add(run.id)
+    return moved
+
+
+def _dispatch_ids(registry: Registry, settings: Any, run_ids: list[int], backend: str
+                  ) -> list[int]:
+    from orchestrator.dispatching import DispatchRequest, dispatch
+
+    result = dispatch(registry, settings, DispatchRequest(RunFilter(run_ids=tuple(run_ids)),
+                                                          backend=backend))
+    return result.run_ids
+
+
+def requeue_and_dispatch(registry: Registry, settings: Any, run_ids: list[int], *,
+                         backend: str, why: str) -> list[int]:
+    """Auto-requeue: back to queued and submitted again on `backend`; the ids dispatched."""
+    moved = move_to_queued(registry, run_ids, why)
+    return _dispatch_ids(registry, settings, sorted(moved), backend) if moved else []
+
+
+@dataclass
+class CancelResult:
+    cancelled: list[tuple[int, str]] = field(default_factory=list)
+    #: backend -> job ids the scheduler was asked to cancel.
+    jobs: dict[str, list[str]] = field(default_factory=dict)
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cancelled": [{"id": rid, "run": key} for rid, key in self.cancelled],
+                "jobs": self.jobs, "dry_run": self.dry_run}
+
+
+def cancel(registry: Registry, settings: Any, run_filter: RunFilter, *,
+           dry_run: bool = False) -> CancelResult:
+    """Cancel the queued and active runs matching the filter: the scheduler first (one call per
+    backend), then the registry (-> cancelled, reason cancelled on the attempt)."""
+    from orchestrator.dispatching import dispatch_lock, recover_pending, utcnow
+    from orchestrator.registry.queries import select_runs
+
+    result = CancelResult(dry_run=dry_run)
+    open_states = [RunState.QUEUED.value, RunState.SUBMITTED.value, RunState.RUNNING.value]
+    with dispatch_lock(settings):
+        if not dry_run:
+            recover_pending(registry, settings)
+        with registry.session() as session:
+            runs = list(session.scalars(select_runs(run_filter)
+                                        .where(Run.state.in_(open_states))))
+            jobs = {rid: (job.id, job.backend, job.job_id, job.ended_at) for rid, job in
+                    _newest_jobs(session, [run.id for run in runs
+                                           if run.state != RunState.QUEUED.value]).items()}
+            result.cancelled = [(run.id, run.key) for run in runs]
+        for _pk, backend, job_id, ended_at in jobs.values():
+            if job_id and ended_at is None:
+                result.jobs.setdefault(backend, []).append(job_id)
+        if dry_run or not runs:
+            return result
+        for backend, job_ids in result.jobs.items():
+            get_scheduler(backend, settings).cancel(job_ids)
+        now = utcnow()
+        with registry.write() as session:
+            for run in session.scalars(select(Run).where(
+                    Run.id.in_([rid for rid, _ in result.cancelled]),
+                    Run.state.in_(open_states))):
+                session.add(Event(run_id=run.id, at=now, from_state=run.state,
+                                  to_state=RunState.CANCELLED.value, why="cancelled by the user"))
+                run.state = RunState.CANCELLED.value
+                job = jobs.get(run.id)
+                if job is not None:
+                    session.execute(Job.__table__.update().where(Job.id == job[0]).values(
+                        reason=Reason.CANCELLED.value, ended_at=now,
+                        scheduler_state="cancelled"))
+    return result
+
+
+@dataclass
+class LogFile:
+    attempt: int
+    stream: str
+    path: Path
+    text: str
+
+
+def read_logs(registry: Registry, run_ref: str, experiment: str, *, attempt: int | None = None,
+              tail: int | None = None, streams: tuple[str, ...] = ("out", "err")
+              ) -> list[LogFile]:
+    """The job logs (logs/attempt-<n>.out|.err) of one attempt of a run (default: the newest)."""
+    from orchestrator.registry.queries import resolve_run
+
+    with registry.session() as session:
+        run = resolve_run(session, run_ref, experiment)
+        run_dir, key = run.run_dir, run.key
+    if not run_dir:
+        raise NotFoundError(f"run {key} has not been dispatched: it has no run directory yet")
+    folder = Path(run_dir) / "logs"
+    numbers = sorted(int(p.stem.split("-")[1]) for p in folder.glob("attempt-*.out")
+                     if p.stem.split("-")[1].isdigit()) if folder.is_dir() else []
+    if not numbers:
+        raise NotFoundError(f"run {key} has no job logs yet in {folder}")
+    if attempt is None:
+        attempt = numbers[-1]
+    elif attempt not in numbers:
+        raise UsageError(f"run {key} has no attempt {attempt}; attempts with logs: "
+                         f"{', '.join(map(str, numbers))}")
+    if tail is not None and tail < 0:
+        raise UsageError("--tail must be >= 0")
+    files = []
+    for stream in streams:
+        path = folder / f"attempt-{attempt}.{stream}"
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if tail is not None:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-tail:]) if tail else ""
+        files.append(LogFile(attempt, stream, path, text))
+    return files

@@ -1,0 +1,94 @@
+"""The local backend's runner: `python -m orchestrator.schedulers.local_runner BATCH_FOLDER`.
+
+One detached runner per batch (the local analogue of a job array) runs the batch's job script once
+per member, `SATRL_ARRAY_INDEX` set, at most `max_parallel` at once. Each member's record,
+`members/<index>.json`, holds its pid and process start time while it runs and its exit code
+after; a marker `cancel/<index>` (written by `satrl cancel`) keeps a member from starting. The
+runner's own pid and start time are in `runner.json`. Each worker leads its own process group, as
+a batch job does, so a cancel signals the worker and its environment processes together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.schedulers.procs import read_json, start_ticks, write_json_atomic
+
+#: Seconds between two looks at the running members.
+TICK_S = 0.2
+
+
+def member_path(folder: Path, index: int) -> Path:
+    return folder / "members" / f"{index}.json"
+
+
+def cancel_path(folder: Path, index: int) -> Path:
+    return folder / "cancel" / str(index)
+
+
+def run_batch(folder: Path) -> int:
+    batch = read_json(folder / "batch.json")
+    if batch is None:
+        print(f"local runner: {folder}/batch.json is missing or unreadable", file=sys.stderr)
+        return 2
+    count, max_parallel = int(batch["count"]), max(1, int(batch["max_parallel"]))
+    script = str(folder / "job.sh")
+    (folder / "members").mkdir(exist_ok=True)
+    (folder / "cancel").mkdir(exist_ok=True)
+    write_json_atomic(folder / "runner.json",
+                      {"pid": os.getpid(), "start_ticks": start_ticks(os.getpid())})
+    # The runner outlives the terminal that started it; a hang-up must not stop the batch.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    pending = list(range(count))
+    running: dict[int, subprocess.Popen[bytes]] = {}
+    while pending or running:
+        while pending and len(running) < max_parallel:
+            index = pending.pop(0)
+            if cancel_path(folder, index).exists():
+                write_json_atomic(member_path(folder, index),
+                                  {"index": index, "cancelled": True, "ended_at": time.time()})
+                continue
+            running[index] = _start(folder, script, index)
+        time.sleep(TICK_S)
+        for index, process in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            record = read_json(member_path(folder, index)) or {"index": index}
+            # A negative return code is a signal; report it like a shell would (128 + n).
+            record.update(exit_code=code if code >= 0 else 128 - code, ended_at=time.time(),
+                          cancelled=cancel_path(folder, index).exists())
+            write_json_atomic(member_path(folder, index), record)
+            del running[index]
+    return 0
+
+
+def _start(folder: Path, script: str, index: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, SATRL_ARRAY_INDEX=str(index))
+    with (folder / f"local-{index}.out").open("ab") as log:
+        process = subprocess.Popen(["bash", script], env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+                                   start_new_session=True)
+    write_json_atomic(member_path(folder, index), {
+        "index": index, "pid": process.pid, "start_ticks": start_ticks(process.pid),
+        "started_at": time.time(),
+    })
+    return process
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m orchestrator.schedulers.local_runner BATCH_FOLDER",
+              file=sys.stderr)
+        return 2
+    return run_batch(Path(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

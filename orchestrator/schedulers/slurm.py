@@ -1,0 +1,108 @@
+"""Slurm: `sbatch --array`, one `squeue` per poll, `scancel`.
+
+`squeue -h -o` with explicit fields is stable across releases (its --json is not). squeue forgets
+finished jobs after the cluster's MinJobAge; the run directory's exit.json carries completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from orchestrator.errors import SchedulerError
+from orchestrator.resources import slurm_flags
+from orchestrator.schedulers.base import (
+    Batch,
+    JobState,
+    JobStatus,
+    PollResult,
+    Scheduler,
+    Submission,
+    run_command,
+)
+
+#: squeue's long state names -> satrl's (anything else: UNKNOWN).
+STATES: dict[str, JobState] = {
+    "PENDING": JobState.PENDING, "CONFIGURING": JobState.PENDING, "REQUEUED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING, "REQUEUE_FED": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING, "SPECIAL_EXIT": JobState.PENDING,
+    "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING, "SUSPENDED": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "STAGE_OUT": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED,
+    "FAILED": JobState.FAILED, "OUT_OF_MEMORY": JobState.FAILED,
+    "CANCELLED": JobState.CANCELLED, "REVOKED": JobState.CANCELLED,
+    "TIMEOUT": JobState.TIMEOUT, "DEADLINE": JobState.TIMEOUT,
+    "NODE_FAIL": JobState.LOST, "BOOT_FAIL": JobState.LOST, "PREEMPTED": JobState.LOST,
+}
+#: One line per job (array tasks expanded); `|` cannot occur in ids, states or node lists.
+SQUEUE_FORMAT = "%i|%T|%N|%j|%r"
+
+
+class SlurmScheduler(Scheduler):
+    name = "slurm"
+    index_variable = "SLURM_ARRAY_TASK_ID"
+
+    def submit_command(self, batch: Batch) -> list[str]:
+        last = len(batch.members) - 1
+        array = f"0-{last}"
+        if self.config.get("max_running"):
+            array += f"%{int(self.config['max_running'])}"
+        return [
+            "sbatch", "--parsable", f"--job-name={batch.token}", f"--array={array}",
+            f"--output={batch.folder}/slurm-%A_%a.out",
+            f"--signal=B:USR1@{batch.signal_margin_s}",
+            *slurm_flags(batch.resources, self.config),
+            str(batch.script_path),
+        ]
+
+    def submit(self, batch: Batch) -> Submission:
+        script = self.write_script(batch)
+        out = run_command(self.submit_command(batch), script=script).stdout
+        job_id = out.strip().split(";")[0].strip()
+        if not job_id.isdigit():
+            raise SchedulerError(f"sbatch printed {out.strip()!r}, not a job id",
+                                 command=self.submit_command(batch), script=str(script))
+        return Submission(tuple(f"{job_id}_{i}" for i in range(len(batch.members))), job_id)
+
+    def _squeue(self, extra: Sequence[str] = ()) -> list[list[str]]:
+        command = ["squeue", "--me", "-h", "-r", "-t", "all", *extra, "-o", SQUEUE_FORMAT]
+        return [line.split("|") for line in run_command(command).stdout.splitlines()
+                if line.strip()]
+
+    def poll(self, job_ids: Sequence[str]) -> PollResult:
+        # All of the user's jobs in one call: `squeue -j` fails outright on one purged id.
+        wanted = set(job_ids)
+        result = PollResult()
+        for fields in self._squeue():
+            if len(fields) < 4:
+                continue
+            job_id, raw, node, name = fields[0].strip(), fields[1].strip(), fields[2], fields[3]
+            if job_id not in wanted:
+                continue
+            result.jobs[job_id] = JobStatus(
+                job_id, STATES.get(raw, JobState.UNKNOWN), raw, None, node.strip() or None,
+                name, fields[4].strip() if len(fields) > 4 else "")
+        return result
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            # scancel exits 1 for jobs that already ended; that is what we want anyway.
+            completed = run_command(["scancel", *job_ids], ok_codes=(0, 1))
+            errors = [line for line in completed.stderr.splitlines()
+                      if "error" in line.lower() and "already completing or completed" not in line
+                      and "Invalid job id" not in line]
+            if completed.returncode and errors:
+                raise SchedulerError("scancel failed", command=["scancel", *job_ids],
+                                     stderr="\n".join(errors))
+
+    def find_by_names(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+        if not names:
+            return {}
+        found: dict[str, dict[int, str]] = {}
+        for fields in self._squeue(["-n", ",".join(names)]):
+            if len(fields) < 4 or fields[3] not in names:
+                continue
+            job_id = fields[0].strip()
+            array_id, _, index = job_id.partition("_")
+            found.setdefault(fields[3], {})[int(index) if index.isdigit() else 0] = job_id
+        return found
