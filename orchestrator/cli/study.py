@@ -101,25 +101,66 @@ def status(
     attn: AttnOpt = None,
     state: StateOpt = None,
     json_: JsonOpt = False,
+    no_sync: Annotated[bool, typer.Option("--no-sync", help="Show the registry as it is, "
+                                          "without reconciling first.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Reconcile and redraw until Ctrl-C.")
+                     ] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between redraws "
+                                            "with --watch.")] = 5.0,
 ) -> None:
-    """Counts per state and a game x attention grid of the runs."""
-    from orchestrator.registry.queries import status_summary
-
+    """Counts per state and a game x attention grid of the runs, reconciled first."""
     run_filter = make_filter(experiment, games, attn, None, state, default_experiment=False)
     registry = _registry()
+    if not watch:
+        summary = _status_once(registry, run_filter, json_=json_, sync=not no_sync)
+        if json_:
+            print_json(summary.to_json())
+        else:
+            _render_status(summary)
+        return
+    import time
+
+    from rich.live import Live
+
+    if interval <= 0:
+        raise UsageError("--interval must be > 0")
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            summary = _status_once(registry, run_filter, json_=False, sync=not no_sync)
+            live.update(_status_view(summary), refresh=True)
+            time.sleep(interval)
+
+
+def _status_once(registry: Any, run_filter: Any, *, json_: bool, sync: bool) -> Any:
+    from orchestrator.registry.queries import status_summary
+
+    if sync:
+        from orchestrator.cli.dispatch import render_reconcile
+        from orchestrator.reconcile import reconcile
+        from orchestrator.settings import settings
+
+        # A subset of runs by state may change state in the round: reconcile without it.
+        reconcile_filter = run_filter.__class__(**{**run_filter.__dict__, "states": ()})
+        render_reconcile(reconcile(registry, settings(), reconcile_filter), quiet=True)
     with registry.session() as session:
-        summary = status_summary(session, run_filter, with_runs=json_)
-    if json_:
-        print_json(summary.to_json())
-        return
+        return status_summary(session, run_filter, with_runs=json_)
+
+
+def _status_view(summary: Any) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
     if summary.total == 0:
-        console.print("no runs match; queue some with `satrl queue --games ... --attn ...`")
-        return
+        return Text("no runs match; queue some with `satrl queue --games ... --attn ...`")
     counts = "  ".join(
         f"[{STATE_STYLE[name]}]{name} {count}[/]" for name, count in summary.counts.items() if count
     )
-    console.print(f"[bold]{summary.total}[/bold] runs   {counts}")
-    console.print(_grid(summary.grid))
+    return Group(Text.from_markup(f"[bold]{summary.total}[/bold] runs   {counts}"),
+                 _grid(summary.grid))
+
+
+def _render_status(summary: Any) -> None:
+    console.print(_status_view(summary))
 
 
 def _grid(grid: dict[tuple[str, str], Any]) -> Table:
