@@ -2,7 +2,7 @@
 
 The run's score over the evaluation period is the `run_scores` view's (the mean over its
 evaluations of each evaluation's mean, so own runs with one row per episode and imported runs with
-one row per 5-episode mean score alike), computed by the same SQL for this experiment only; the
+one row per 5-episode mean score alike), read from the view for this experiment; the
 per-evaluation means come from one GROUP BY over the evaluations table. A run counts as
 *complete* when it has at least the evaluations its spec promises (total_timesteps //
 eval_every_steps); the report uses complete runs only and lists the others as gaps, so a
@@ -101,15 +101,9 @@ def load_study(session: Session, experiment: str) -> StudyScores:
             select(Run.id, Run.game, Run.attn, Run.seed, Run.state, Run.spec)
             .where(Run.experiment_id == exp.id)):
         runs[rid] = RunScore(rid, game, attn, int(seed), state, expected_evaluations(spec))
-    # run_scores' definition (mean over evaluations of each evaluation's mean), restricted to
-    # this experiment's runs before grouping: the view itself plans a scan of every evaluation
-    # per run on SQLite (3 s at 1,400 runs); a test checks both give the same numbers.
     for rid, mean_score, n_evaluations in session.execute(
-            text("SELECT p.run_id, AVG(p.eval_mean), COUNT(*) FROM ("
-                 " SELECT e.run_id AS run_id, e.timestep AS timestep, AVG(e.score) AS eval_mean"
-                 " FROM evaluations e JOIN runs r ON r.id = e.run_id"
-                 " WHERE r.experiment_id = :experiment_id GROUP BY e.run_id, e.timestep) p "
-                 "GROUP BY p.run_id"), {"experiment_id": exp.id}):
+            text("SELECT run_id, mean_score, n_evaluations FROM run_scores "
+                 "WHERE experiment = :experiment"), {"experiment": experiment}):
         runs[rid].mean_score = float(mean_score)
         runs[rid].n_evaluations = int(n_evaluations)
     _attach_eval_means(session, exp.id, runs)
