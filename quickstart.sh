@@ -19,5 +19,20 @@ TOML
 
 # A short study: 2 games x 2 attention types x 1 seed on the smoke preset (minutes on a laptop).
 satrl queue --games Pong,Breakout --attn NA,CWCA --seeds 1 --preset smoke
-satrl status
-satrl sql "SELECT game, attn, seed, state FROM runs ORDER BY game, attn"
+# Train them with the local backend (a detached runner), with a progress display until they end.
+satrl dispatch --backend local --wait
+satrl status --experiment demo
+# Bring checkpoints, metrics and observation dumps into store/, verified, and into the registry.
+satrl fetch --all
+# The published study, for comparison, when its data lies beside the checkout.
+published="$root/../shared/reference/post_processed_results_56.pkl"
+if [ -f "$published" ]; then
+  satrl import-results "$published" --experiment published
+fi
+# The paper's tables and figures for this study, from the registry: report/report.html.
+compare=()
+[ -f "$published" ] && compare=(--compare published)
+satrl report --format html --out report --reps 200 "${compare[@]}"
+satrl report --reps 200 | head -40
+satrl sql "SELECT game, attn, seed, ROUND(mean_score, 1) AS mean_score, n_evaluations FROM run_scores WHERE experiment = 'demo'"
+echo "report written to $PWD/report"
