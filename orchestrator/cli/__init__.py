@@ -5,6 +5,7 @@ from orchestrator.cli import (  # noqa: F401  (registers commands)
     db,
     dispatch,
     fetch,
+    image,
     report,
     study,
 )
