@@ -219,7 +219,7 @@ def claim_runs(registry: Registry, backend: str, batch: Batch) -> set[int]:
     claimed: set[int] = set()
     now = utcnow()
     with registry.write() as session:
-        for index, member in enumerate(batch.members):
+        for member in batch.members:
             changed = session.execute(
                 update(Run).where(Run.id == member.run_id, Run.state == RunState.QUEUED.value)
                 .values(state=RunState.SUBMITTED.value, attempts=Run.attempts + 1,
@@ -230,7 +230,8 @@ def claim_runs(registry: Registry, backend: str, batch: Batch) -> set[int]:
                 continue
             attempts = session.scalar(select(Run.attempts).where(Run.id == member.run_id))
             session.add(Job(run_id=member.run_id, attempt=attempts, backend=backend,
-                            batch=batch.token, array_index=index, scheduler_state="submitting",
+                            batch=batch.token, array_index=len(claimed),
+                            scheduler_state="submitting",
                             submitted_at=now))
             session.add(Event(run_id=member.run_id, at=now, from_state=RunState.QUEUED.value,
                               to_state=RunState.SUBMITTED.value,
@@ -310,7 +311,8 @@ def recover_pending(registry: Registry, settings: Any) -> int:
         by_backend.setdefault(backend, set()).add(token)
     recovered = 0
     for backend, tokens in by_backend.items():
-        found = get_scheduler(backend, settings).find_by_names(sorted(tokens))
+        sizes = {token: sum(1 for row in pending if row[0] == token) for token in tokens}
+        found = get_scheduler(backend, settings).find_by_names(sorted(tokens), sizes)
         for token in tokens:
             members = found.get(token)
             if members:

@@ -88,6 +88,14 @@ class Answer:
 NO_ANSWER = Answer(NOT_ASKED)
 
 
+@dataclass(frozen=True)
+class _Round:
+    run: _Tracked
+    decision: Decision
+    answer: Answer
+    files: FileView
+
+
 @dataclass
 class _Tracked:
     """One run under reconciliation, with its newest job."""
@@ -103,6 +111,8 @@ class _Tracked:
     submitted_at: float
     seen_at: float | None
     scheduler_state: str | None
+    node: str | None = None
+    started_at: datetime | None = None
 
 
 def epoch(moment: datetime | None) -> float | None:
@@ -140,14 +150,14 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
     if not tracked:
         return result
     answers = _poll(registry, settings, tracked, result, now, force)
-    decisions: list[tuple[_Tracked, Decision, Answer]] = []
+    decisions: list[_Round] = []
     for run in tracked:
         answer = answers.get(run.job_pk, NO_ANSWER)
         files = read_files(run.run_dir, run.submitted_at)
         since = max(run.seen_at or 0.0, run.submitted_at)
         decision = lifecycle.decide(run.state, files, answer.view, now=now, since=since,
                                     grace_s=grace_s)
-        decisions.append((run, decision, answer))
+        decisions.append(_Round(run, decision, answer, files))
     _write(registry, decisions, result, now)
     if auto_requeue is None:
         auto_requeue = bool(settings_value(settings, "auto_requeue", False))
@@ -163,7 +173,7 @@ def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
     statement = run_filter.apply(
         select(Run.id, Run.game, Run.attn, Run.seed, Run.state, Run.run_dir, Run.attempts,
                Job.id, Job.backend, Job.job_id, Job.submitted_at, Job.seen_at,
-               Job.scheduler_state)
+               Job.scheduler_state, Job.node, Job.started_at)
         .join(Experiment, Run.experiment_id == Experiment.id)
         .join(newest, newest.c.run_id == Run.id)
         .join(Job, Job.id == newest.c.job_pk)
@@ -172,10 +182,11 @@ def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
     tracked = []
     with registry.session() as session:
         for (rid, game, attn, seed, state, run_dir, attempts, job_pk, backend, job_id,
-             submitted_at, seen_at, sched_state) in session.execute(statement):
+             submitted_at, seen_at, sched_state, node, started_at) in session.execute(statement):
             tracked.append(_Tracked(rid, f"{game}/{attn}/{seed}", RunState(state), run_dir,
                                     attempts, job_pk, backend, job_id,
-                                    epoch(submitted_at) or 0.0, epoch(seen_at), sched_state))
+                                    epoch(submitted_at) or 0.0, epoch(seen_at), sched_state,
+                                    node, started_at))
     return tracked
 
 
@@ -274,76 +285,91 @@ def attempt_provenance(run_dir: str | None, submitted_at: float) -> dict[str, An
     return mine[-1] if mine else None
 
 
-def _write(registry: Registry, decisions: list[tuple[_Tracked, Decision, Answer]],
-           result: ReconcileResult, now: float) -> None:
+def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
+           now: float) -> None:
+    """Every change of the round in one transaction, with a handful of bulk statements."""
     stamp = from_epoch(now)
-    seen = []
-    for run, _decision, answer in decisions:
-        if answer.view.listed:
-            row: dict[str, Any] = {"id": run.job_pk, "seen_at": stamp,
-                                   "scheduler_state": (answer.raw_state or "")[:32]}
-            if answer.node:
-                row["node"] = answer.node[:200]
-            seen.append(row)
-    changes = [(run, decision, answer) for run, decision, answer in decisions
-               if decision.state != run.state]
-    if not seen and not changes:
+    job_rows: dict[int, dict[str, Any]] = {}
+    for item in decisions:
+        if item.answer.view.listed:
+            row: dict[str, Any] = {"id": item.run.job_pk, "seen_at": stamp,
+                                   "scheduler_state": (item.answer.raw_state or "")[:32]}
+            if item.answer.node:
+                row["node"] = item.answer.node[:200]
+            job_rows[item.run.job_pk] = row
+    changes = [item for item in decisions if item.decision.state != item.run.state]
+    if not job_rows and not changes:
         return
     with registry.write() as session:
-        if seen:
-            session.execute(update(Job), seen)
-        for run, decision, answer in changes:
-            moved = session.execute(
-                update(Run).where(Run.id == run.run_id, Run.state == run.state.value)
-                .values(state=decision.state.value, updated_at=stamp)
-                .execution_options(synchronize_session=False)).rowcount
-            if not moved:
-                continue  # another process moved it first: its view wins
-            session.add(Event(run_id=run.run_id, at=stamp, from_state=run.state.value,
-                              to_state=decision.state.value, why=decision.why))
-            job = session.get(Job, run.job_pk)
-            if job is not None:
-                _update_job(job, run, decision, answer, stamp)
+        if changes:
+            # Another process may have moved a run since we read it: its view wins. (SQLite
+            # writers hold the lock from BEGIN; PostgreSQL rows are locked here.)
+            current = dict(session.execute(
+                select(Run.id, Run.state).where(Run.id.in_([c.run.run_id for c in changes]))
+                .with_for_update()).all())
+            changes = [c for c in changes if current.get(c.run.run_id) == c.run.state.value]
+        if changes:
+            session.execute(update(Run), [
+                {"id": c.run.run_id, "state": c.decision.state.value, "updated_at": stamp}
+                for c in changes])
+            session.execute(Event.__table__.insert(), [
+                {"run_id": c.run.run_id, "at": stamp, "from_state": c.run.state.value,
+                 "to_state": c.decision.state.value, "why": c.decision.why} for c in changes])
+        for item in changes:
+            job_rows.setdefault(item.run.job_pk, {"id": item.run.job_pk}).update(
+                _job_changes(item, stamp))
             result.transitions.append(Transition(
-                run.run_id, run.key, run.state.value, decision.state.value, decision.why,
-                decision.reason.value if decision.reason else None))
+                item.run.run_id, item.run.key, item.run.state.value, item.decision.state.value,
+                item.decision.why, item.decision.reason.value if item.decision.reason else None))
+        if job_rows:
+            # executemany groups rows by their set of keys; keep the groups few.
+            by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for row in job_rows.values():
+                by_keys.setdefault(tuple(sorted(row)), []).append(row)
+            for rows in by_keys.values():
+                session.execute(update(Job), rows)
 
 
-def _update_job(job: Job, run: _Tracked, decision: Decision, answer: Answer,
-                stamp: datetime) -> None:
+def _job_changes(item: _Round, stamp: datetime) -> dict[str, Any]:
+    """The jobs-row columns a transition sets: provenance, node, start, end, reason, exit."""
+    run, decision = item.run, item.decision
+    values: dict[str, Any] = {}
+    started = run.started_at
     provenance = attempt_provenance(run.run_dir, run.submitted_at)
     if provenance is not None:
-        job.provenance = provenance
-        job.node = job.node or provenance.get("host")
-        job.image_digest = provenance.get("image_digest") or job.image_digest
-        if job.started_at is None and isinstance(provenance.get("started_at"), int | float):
-            job.started_at = from_epoch(provenance["started_at"])
-    if decision.state == RunState.RUNNING and job.started_at is None:
-        job.started_at = stamp
+        values["provenance"] = provenance
+        if not run.node and provenance.get("host") and not item.answer.node:
+            values["node"] = str(provenance["host"])[:200]
+        if provenance.get("image_digest"):
+            values["image_digest"] = str(provenance["image_digest"])[:128]
+        if started is None and isinstance(provenance.get("started_at"), int | float):
+            started = from_epoch(provenance["started_at"])
+    if started is None and decision.state == RunState.RUNNING:
+        started = stamp
+    if started is not None and run.started_at is None:
+        values["started_at"] = started
     if decision.ended:
-        job.reason = decision.reason.value if decision.reason else None
-        job.ended_at = stamp
-        files = read_files(run.run_dir, run.submitted_at)
-        if files.exit_at is not None:
-            job.ended_at = from_epoch(files.exit_at)
+        files = item.files
+        values["reason"] = decision.reason.value if decision.reason else None
+        values["ended_at"] = from_epoch(files.exit_at) if files.exit_at is not None else stamp
         # The worker's exit code, else the scheduler's exit status (a worker killed hard).
-        job.exit_status = files.exit_code if files.exit_code is not None \
-            else answer.view.exit_status
+        values["exit_status"] = files.exit_code if files.exit_code is not None \
+            else item.answer.view.exit_status
+    return values
 
 
-def _auto_requeue(registry: Registry, settings: Any,
-                  decisions: list[tuple[_Tracked, Decision, Answer]],
+def _auto_requeue(registry: Registry, settings: Any, decisions: list[_Round],
                   result: ReconcileResult) -> None:
     from orchestrator.runctl import requeue_and_dispatch
 
     max_attempts = int(settings_value(settings, "max_attempts", 3))
     moved = {t.run_id for t in result.transitions}
     candidates: dict[str, list[int]] = {}
-    for run, decision, _ in decisions:
-        if run.run_id not in moved or run.attempts >= max_attempts:
+    for item in decisions:
+        if item.run.run_id not in moved or item.run.attempts >= max_attempts:
             continue
-        if decision.reason in (Reason.WALLTIME, Reason.LOST):
-            candidates.setdefault(run.backend, []).append(run.run_id)
+        if item.decision.reason in (Reason.WALLTIME, Reason.LOST):
+            candidates.setdefault(item.run.backend, []).append(item.run.run_id)
     for backend, run_ids in candidates.items():
         try:
             requeued = requeue_and_dispatch(

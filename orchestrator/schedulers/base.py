@@ -197,5 +197,7 @@ class Scheduler(ABC):
         """Cancel jobs (those already ended are not an error)."""
 
     @abstractmethod
-    def find_by_names(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
-        """{job name: {array index: job id}} of the jobs with these names, in one call."""
+    def find_by_names(self, names: Sequence[str],
+                      sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
+        """{job name: {array index: job id}} of the jobs with these names, in one call
+        (`sizes`: members per name, for schedulers that may list a whole array as one job)."""

@@ -138,7 +138,8 @@ class LocalScheduler(Scheduler):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(int(record["pid"]), signal.SIGTERM)
 
-    def find_by_names(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+    def find_by_names(self, names: Sequence[str],
+                      sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
         found: dict[str, dict[int, str]] = {}
         for name in names:
             folder = self.batches / name

@@ -113,7 +113,8 @@ class PbsScheduler(Scheduler):
             raise SchedulerError("qdel failed", command=["qdel", *job_ids],
                                  stderr=completed.stderr)
 
-    def find_by_names(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+    def find_by_names(self, names: Sequence[str],
+                      sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
         if not names:
             return {}
         wanted = set(names)

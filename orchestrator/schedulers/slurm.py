@@ -6,7 +6,9 @@ finished jobs after the cluster's MinJobAge; the run directory's exit.json carri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 from orchestrator.errors import SchedulerError
 from orchestrator.resources import slurm_flags
@@ -73,15 +75,24 @@ class SlurmScheduler(Scheduler):
         # All of the user's jobs in one call: `squeue -j` fails outright on one purged id.
         wanted = set(job_ids)
         result = PollResult()
+        whole_arrays: dict[str, JobStatus] = {}
         for fields in self._squeue():
             if len(fields) < 4:
                 continue
-            job_id, raw, node, name = fields[0].strip(), fields[1].strip(), fields[2], fields[3]
-            if job_id not in wanted:
-                continue
-            result.jobs[job_id] = JobStatus(
-                job_id, STATES.get(raw, JobState.UNKNOWN), raw, None, node.strip() or None,
-                name, fields[4].strip() if len(fields) > 4 else "")
+            raw = fields[1].strip()
+            template = JobStatus("", STATES.get(raw, JobState.UNKNOWN), raw, None,
+                                 fields[2].strip() or None, fields[3],
+                                 fields[4].strip() if len(fields) > 4 else "")
+            for job_id in expand_ids(fields[0].strip()):
+                if job_id.isdigit():
+                    # A whole array in one record (e.g. every task cancelled while pending).
+                    whole_arrays[job_id] = template
+                elif job_id in wanted:
+                    result.jobs[job_id] = replace(template, job_id=job_id)
+        for job_id in wanted - set(result.jobs):
+            array = job_id.partition("_")[0]
+            if array in whole_arrays:
+                result.jobs[job_id] = replace(whole_arrays[array], job_id=job_id)
         return result
 
     def cancel(self, job_ids: Sequence[str]) -> None:
@@ -95,14 +106,34 @@ class SlurmScheduler(Scheduler):
                 raise SchedulerError("scancel failed", command=["scancel", *job_ids],
                                      stderr="\n".join(errors))
 
-    def find_by_names(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+    def find_by_names(self, names: Sequence[str],
+                      sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
         if not names:
             return {}
         found: dict[str, dict[int, str]] = {}
         for fields in self._squeue(["-n", ",".join(names)]):
             if len(fields) < 4 or fields[3] not in names:
                 continue
-            job_id = fields[0].strip()
-            array_id, _, index = job_id.partition("_")
-            found.setdefault(fields[3], {})[int(index) if index.isdigit() else 0] = job_id
+            for job_id in expand_ids(fields[0].strip()):
+                array, _, index = job_id.partition("_")
+                if index.isdigit():
+                    found.setdefault(fields[3], {})[int(index)] = job_id
+                else:  # the whole array in one record: its tasks are array_index
+                    size = (sizes or {}).get(fields[3], 1)
+                    found.setdefault(fields[3], {}).update(
+                        {i: f"{array}_{i}" for i in range(size)})
         return found
+
+
+def expand_ids(job_id: str) -> list[str]:
+    """squeue's id field: `12_3`, `12`, or a pending remainder `12_[4-6,9%2]` -> its tasks."""
+    match = re.match(r"^(\d+)_\[([^\]]+)\]$", job_id)
+    if match is None:
+        return [job_id]
+    array, spec = match.groups()
+    ids = []
+    for part in spec.split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            ids += [f"{array}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return ids
