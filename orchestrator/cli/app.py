@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.errors import SatrlError
 
@@ -70,10 +71,13 @@ def run(argv: list[str] | None = None) -> int:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except SatrlError as error:
-        err_console.print(f"[red]satrl:[/red] {error}", highlight=False, soft_wrap=True)
+        # escape(): messages carry [command: ...] parts that rich would read as markup.
+        err_console.print(f"[red]satrl:[/red] {escape(str(error))}", highlight=False,
+                          soft_wrap=True)
         return error.exit_code
     except SpecError as error:
-        err_console.print(f"[red]satrl:[/red] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]satrl:[/red] {escape(str(error))}", highlight=False,
+                          soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
