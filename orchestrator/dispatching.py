@@ -175,17 +175,17 @@ def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
 
 
 def launch_command(settings: Any, image: Any) -> tuple[str, ...]:
-    """The worker's command before RUN_DIR: the configured python, or apptainer exec IMAGE."""
+    """The worker's command before RUN_DIR: the configured python, or `apptainer exec` of the
+    image's python with scratch bound at the same path (run directories keep their paths)."""
     if image is None:
         return (python_interpreter(settings), "-m", "agents.train")
+    from orchestrator.images import apptainer_exec_argv
+
     section = settings.section("image")
     scratch = str(settings.scratch)
-    gpu_flag = "--nv" if image.flavor == "cuda" else "--rocm"
     binds = [f"{scratch}:{scratch}", *[str(b) for b in section.get("binds", [])]]
-    command = ["apptainer", "exec", gpu_flag]
-    for bind in binds:
-        command += ["--bind", bind]
-    return (*command, image.path, str(section.get("python", "python")), "-m", "agents.train")
+    return tuple(apptainer_exec_argv(image, binds, [str(section.get("python", "python")), "-m",
+                                                    "agents.train"]))
 
 
 def submit_batch(registry: Registry, scheduler: Scheduler, planned: PlannedBatch) -> None:

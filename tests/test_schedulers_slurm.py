@@ -135,3 +135,26 @@ def test_squeue_and_scancel_of_a_real_slurm(slurm_cluster: SlurmCluster, tmp_pat
         time.sleep(0.5)
     assert states == {"CANCELLED"}
     scheduler.cancel(list(submission.job_ids))  # already ended: not an error
+
+
+@pytest.mark.parametrize(("flavor", "flag"), [("cuda", "--nv"), ("rocm", "--rocm")])
+def test_job_script_command_line_in_an_apptainer_image(tmp_path: Path, flavor: str,
+                                                       flag: str) -> None:
+    from orchestrator.dispatching import launch_command
+    from orchestrator.images import JobImage
+
+    settings = _settings({"image": {"binds": ["/datasets"], "python": "/opt/venv/bin/python"}})
+    image = JobImage("/shared/images/satrl cuda.sif", flavor, "ab" * 32)
+    launch = launch_command(settings, image)
+    assert launch == ("apptainer", "exec", flag, "--bind", "/scratch:/scratch", "--bind",
+                      "/datasets", "/shared/images/satrl cuda.sif", "/opt/venv/bin/python",
+                      "-m", "agents.train")
+    batch = Batch("satrl-img", (BatchMember(1, tmp_path / "r"),), Resources(), tmp_path / "b",
+                  launch, image.digest, 300)
+    script = SlurmScheduler().render_script(batch)
+    assert f"export SATRL_IMAGE_DIGEST={'ab' * 32}\n" in script
+    assert (f"exec apptainer exec {flag} --bind /scratch:/scratch --bind /datasets "
+            "'/shared/images/satrl cuda.sif' /opt/venv/bin/python -m agents.train \"$RUN_DIR\""
+            ) in script
+    plain = launch_command(_settings({"dispatch": {"python": "/usr/bin/python3"}}), None)
+    assert plain == ("/usr/bin/python3", "-m", "agents.train")

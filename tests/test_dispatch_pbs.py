@@ -1,0 +1,102 @@
+"""PBS dispatch and reconciliation through stand-in `qsub`/`qstat` on PATH that print the real
+captured OpenPBS output (PBS cannot run here): ids recorded, one qstat call per poll, the rate
+limit, states from qstat and exit.json, an unreadable record named, omissions lost only after
+the grace period. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dispatch_support import TINY, cli, cli_json, configure, show, states
+from tests.test_schedulers_pbs import REFERENCE, _files
+
+
+def _stand_ins(folder: Path) -> Path:
+    """qsub prints the captured array id; qstat prints folder/reply.json; both log their argv."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    for name, body in (("qsub", f"cat {REFERENCE / 'qsub_array.stdout'}"),
+                       ("qstat", f"cat {folder / 'reply.json'}")):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/bash\necho "$*" >> {folder}/{name}.calls\n{body}\n')
+        script.chmod(0o755)
+    return bin_dir
+
+
+def _calls(folder: Path, name: str) -> list[str]:
+    path = folder / f"{name}.calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_pbs_dispatch_and_status_against_captured_openpbs_output(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _files()
+    folder = tmp_path / "pbs"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    configure(workspace, '[pbs]\npoll_interval_s = 3600\nqueue = "workq"\n',
+              dispatch='backend = "pbs"\nlost_grace_s = 2')
+    assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA,SWA", "--seed-list",
+               "0", *TINY)[0] == 0
+    code, out, err = cli(capsys, "dispatch", "--walltime-min", "30")
+    assert code == 0 and "dispatched 4 run(s) to pbs as 2[0].pbshost .. 2[3].pbshost" in out, err
+    (qsub,) = _calls(folder, "qsub")
+    assert qsub.startswith("-N satrl-") and " -J 0-3 -l select=1:ncpus=1 -l walltime=00:30:00 " \
+        "-q workq -r y -j oe -o " in qsub
+    refs = ["Breakout/NA/0", "Breakout/SWA/0", "Pong/NA/0", "Pong/SWA/0"]  # array order
+    assert [show(capsys, r)["jobs"][0]["job_id"] for r in refs] == \
+        [f"2[{i}].pbshost" for i in range(4)]
+
+    # Subjob 0 running, 1-3 queued: one qstat call, without ids, covers all four.
+    (folder / "reply.json").write_text((REFERENCE / "array_qstat_t_running.json").read_text())
+    assert [states(capsys)[r] for r in refs] == ["running", "submitted", "submitted",
+                                                 "submitted"]
+    assert _calls(folder, "qstat") == ["-f -F json -x -t"]
+    states(capsys)  # within poll_interval_s: the scheduler is not asked again
+    assert len(_calls(folder, "qstat")) == 1
+    assert show(capsys, refs[0])["jobs"][0]["node"] == "pbshost"
+
+    # A record PBS printed broken is named, and its run is left alone (not lost).
+    text = (REFERENCE / "array_qstat_t_running.json").read_text()
+    (folder / "reply.json").write_text(text.replace(
+        '"Job_Name":\t"arr",\n\t\t\t"Job_Owner":\t"pbsuser@pbshost",\n\t\t\t"job_state":\t"Q"',
+        '"Job_Name":\t"a"r"r",\n\t\t\t"Job_Owner":\t"pbsuser@pbshost",\n\t\t\t"job_state":\t"Q"',
+        1))
+    code, out, err = cli(capsys, "sync", "--force")
+    assert code == 0 and "could not read the scheduler's record of job 2[1].pbshost" in err
+    assert len(_calls(folder, "qstat")) == 2
+
+    # Finished: subjob 0's worker wrote exit.json done; 1-3 exited 1-3 without one.
+    run_dir = Path(show(capsys, refs[0])["run_dir"])
+    (run_dir / "exit.json").write_text(json.dumps({
+        "schema": 1, "exit_code": 0, "reason": "done", "message": "trained 256 of 256 steps",
+        "timesteps": 256, "attempt": 1, "ended_at": time.time()}))
+    (folder / "reply.json").write_text(
+        (REFERENCE / "array_qstat_t_x_finished.json").read_text())
+    result = cli_json(capsys, "sync", "--force")
+    assert result["polled"] == {"pbs": True}
+    assert {t["key"]: (t["to_state"], t["reason"]) for t in result["transitions"]} == {
+        refs[0]: ("succeeded", "done"), refs[1]: ("failed", "failed"),
+        refs[2]: ("failed", "failed"), refs[3]: ("failed", "failed")}
+    assert [show(capsys, r)["jobs"][0]["exit_status"] for r in refs] == [0, 1, 2, 3]
+
+    # Requeued and dispatched again, then the server forgets the jobs: lost only after the grace.
+    code, out, err = cli(capsys, "requeue", "--failed", "--dry-run")
+    assert code == 0 and "would requeue 3 run(s)" in out
+    (folder / "reply.json").write_text('{"timestamp": 1, "Jobs": {}}')
+    code, out, err = cli(capsys, "requeue", "--failed")
+    assert code == 0 and "requeued 3 run(s); dispatched 3" in out, err
+    assert len(_calls(folder, "qsub")) == 2
+    first = cli_json(capsys, "sync", "--force")
+    assert first["transitions"] == []  # omitted once: not lost at once
+    time.sleep(2.5)
+    later = cli_json(capsys, "sync", "--force")
+    assert sorted(t["key"] for t in later["transitions"]) == sorted(refs[1:])
+    assert {t["to_state"] for t in later["transitions"]} == {"lost"}
+    assert show(capsys, refs[1])["attempts"] == 2
