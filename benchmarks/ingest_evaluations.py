@@ -19,39 +19,19 @@ import io
 import os
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select, text
 
 from agents.catalog import ATTENTION_TYPES, GAMES, PAPER_SEEDS
 from orchestrator.queueing import QueueRequest, queue_runs
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Evaluation, Run
+from orchestrator.registry.scratch import throwaway_database
 from orchestrator.store.ingest import read_evaluations, replace_evaluations
 
 TARGET_S = 10.0
-
-
-@contextmanager
-def database(kind: str, pg_url: str, folder: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{folder / f'{uuid.uuid4().hex}.db'}"
-        return
-    name = f"satrl_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def write_npz_files(folder: Path, n_runs: int, n_evals: int, episodes: int) -> list[Path]:
@@ -137,7 +117,7 @@ def main() -> None:
         files = write_npz_files(folder, args.runs, args.evals, args.episodes)
         failed = False
         for kind in args.backends.split(","):
-            with database(kind, args.pg_url, folder) as url:
+            with throwaway_database(kind, args.pg_url, folder) as url:
                 registry = Registry(url)
                 run_ids = grid_run_ids(registry, args.runs)
                 first = ingest_all(registry, run_ids, files)

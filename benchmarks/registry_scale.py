@@ -18,18 +18,17 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from agents.catalog import ATTENTION_TYPES, GAMES, PAPER_SEEDS
 from orchestrator.queueing import QueueRequest, queue_runs, run_specs
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Experiment, Run, RunState
 from orchestrator.registry.queries import RunFilter, status_summary
+from orchestrator.registry.scratch import throwaway_database
 
 ALL = ["all"]
 
@@ -38,23 +37,6 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-@contextmanager
-def database(kind: str, pg_url: str, folder: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{folder / f'{uuid.uuid4().hex}.db'}"
-        return
-    name = f"satrl_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def satrl_process(url: str, workspace: Path, *args: str) -> float:
@@ -96,18 +78,18 @@ def naive_status(registry: Registry) -> None:
 def bench(kind: str, pg_url: str, n_runs: int, folder: Path) -> list[tuple[str, float, float]]:
     rows: list[tuple[str, float, float]] = []  # (what, seconds, target)
     grid = grid_request(list(PAPER_SEEDS))
-    with database(kind, pg_url, folder) as url:
+    with throwaway_database(kind, pg_url, folder) as url:
         registry = Registry(url)
         rows.append(("queue 1,400: service", timed(lambda: queue_runs(registry, grid)), 1.0))
         rows.append(("queue 1,400 again (adds 0): service",
                      timed(lambda: queue_runs(registry, grid)), 1.0))
         registry.dispose()
-    with database(kind, pg_url, folder) as url:
+    with throwaway_database(kind, pg_url, folder) as url:
         registry = Registry(url)
         rows.append(("queue 1,400: naive ORM baseline",
                      timed(lambda: naive_queue(registry, grid)), float("nan")))
         registry.dispose()
-    with database(kind, pg_url, folder) as url:
+    with throwaway_database(kind, pg_url, folder) as url:
         workspace = folder / uuid.uuid4().hex
         workspace.mkdir()
         rows.append(("queue 1,400: whole process, fresh registry",

@@ -16,14 +16,9 @@ import argparse
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from orchestrator.analysis.aggregates import TAUS, seeded
 from orchestrator.analysis.published import import_results
@@ -33,26 +28,9 @@ from orchestrator.analysis.report import ReportOptions, build_report
 from orchestrator.analysis.scores import load_study
 from orchestrator.analysis.table import build_table
 from orchestrator.registry.db import Registry
+from orchestrator.registry.scratch import throwaway_database
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "shared/reference/post_processed_results_56.pkl"
-
-
-@contextmanager
-def database(kind: str, pg_url: str | None, folder: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{folder / f'{uuid.uuid4().hex}.db'}"
-        return
-    assert pg_url
-    name = f"satrl_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def baseline_aggregates(registry: Registry, reps: int) -> float:
@@ -119,7 +97,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for kind in ("sqlite", "postgresql") if args.pg_url else ("sqlite",):
-            with database(kind, args.pg_url, folder) as url:
+            with throwaway_database(kind, args.pg_url, folder) as url:
                 bench(kind, url, folder, args.reps, args.baseline_reps)
     return 0
 

@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REFERENCE = Path("/work/shared/reference/pbs")
@@ -159,23 +158,6 @@ def per_job_polling_estimate(reply_folder: Path) -> float:
     return (time.perf_counter() - start) / 20 * ARRAYS * PER_ARRAY
 
 
-def postgres_database(admin_url: str) -> tuple[str, object]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"satrl_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False), drop
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pg-url", default=os.environ.get(
@@ -190,11 +172,10 @@ def main() -> int:
         results.append(measure(f"sqlite:///{root / 'sqlite.db'}", "sqlite", root, reply,
                                job_ids))
         if not args.sqlite_only:
-            url, drop = postgres_database(args.pg_url)
-            try:
+            from orchestrator.registry.scratch import throwaway_postgres
+
+            with throwaway_postgres(args.pg_url, prefix="satrl_bench") as url:
                 results.append(measure(url, "postgresql", root, reply, job_ids))
-            finally:
-                drop()  # type: ignore[operator]
         naive = per_job_polling_estimate(root / "sqlite")
     print(f"status reconciling {len(job_ids)} active PBS subjobs "
           f"({ARRAYS} arrays x {PER_ARRAY}; qstat reply {len(reply) / 1e6:.1f} MB)")
