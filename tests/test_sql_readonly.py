@@ -17,6 +17,10 @@ WRITES = [
     "DROP TABLE runs",
     "WITH d AS (DELETE FROM runs RETURNING id) SELECT * FROM d",
     "CREATE TABLE sneaky (x int)",
+    # Ending the read-only transaction inside the statement must not let the rest run.
+    "COMMIT; DELETE FROM runs",
+    "ROLLBACK; DELETE FROM runs",
+    "SELECT 1; DELETE FROM runs",
 ]
 
 
@@ -48,3 +52,6 @@ def test_queries_and_views_answer(workspace: Path, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert run(["sql", "SELECT nope FROM runs"]) == 2
     assert "SQL refused" in capsys.readouterr().err
+    # Casts and percent signs reach the database untouched.
+    rows = _rows(capsys, "SELECT COUNT(*) AS n FROM runs WHERE game LIKE 'H%'")
+    assert rows == [{"n": 5}]
