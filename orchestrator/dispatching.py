@@ -23,7 +23,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,7 +210,8 @@ def submit_batch(registry: Registry, scheduler: Scheduler, planned: PlannedBatch
     except (SatrlError, OSError) as error:
         release_claim(registry, batch.token, f"submission failed: {error}")
         raise
-    record_submission(registry, batch.token, submission.job_ids, submission.array_job_id)
+    record_submission(registry, batch.token, dict(enumerate(submission.job_ids)),
+                      submission.array_job_id)
     planned.job_ids = submission.job_ids
 
 
@@ -258,20 +259,25 @@ def prepare_run_dir(run_dir: Path, spec: dict[str, Any], run_id: int) -> None:
     write_bytes(run_dir / "run.json", (json.dumps(body, indent=2) + "\n").encode())
 
 
-def record_submission(registry: Registry, token: str, job_ids: Sequence[str],
-                      array_job_id: str | None) -> None:
-    """Transaction 2: the scheduler's ids on the batch's jobs rows."""
+def record_submission(registry: Registry, token: str, job_ids: Mapping[int, str],
+                      array_job_id: str | None) -> int:
+    """Transaction 2: the scheduler's ids ({array index: job id}) on the batch's jobs rows.
+
+    Only the rows whose index has an id change: a scheduler may list just some of an array's
+    tasks (Slurm forgets finished ones, PBS keeps no history). submitted_at stays the claim
+    time, the earliest moment files of this job can date from. Returns the rows updated.
+    """
     now = utcnow()
+    updated = 0
     with registry.write() as session:
-        jobs = list(session.scalars(select(Job).where(Job.batch == token)
-                                    .order_by(Job.array_index)))
-        for position, job in enumerate(jobs):
-            if position < len(job_ids):
-                job.job_id = job_ids[position]
-                job.array_job_id = array_job_id
-                job.scheduler_state = "submitted"
-                job.submitted_at = now
-                job.seen_at = now
+        for job in session.scalars(select(Job).where(Job.batch == token,
+                                                     Job.array_index.in_(list(job_ids)))):
+            job.job_id = job_ids[job.array_index]
+            job.array_job_id = array_job_id
+            job.scheduler_state = "submitted"
+            job.seen_at = now
+            updated += 1
+    return updated
 
 
 def release_claim(registry: Registry, token: str, why: str) -> list[int]:
@@ -316,10 +322,8 @@ def recover_pending(registry: Registry, settings: Any) -> int:
         for token in tokens:
             members = found.get(token)
             if members:
-                ids = [members[i] for i in sorted(members)]
-                array_id = _array_id(backend, ids)
-                record_submission(registry, token, ids, array_id)
-                recovered += len(ids)
+                array_id = _array_id(backend, [members[i] for i in sorted(members)])
+                recovered += record_submission(registry, token, members, array_id)
             elif not _shows_activity([(row[4], row[2]) for row in pending if row[0] == token]):
                 recovered += len(release_claim(
                     registry, token, f"batch {token} never reached the {backend} scheduler "

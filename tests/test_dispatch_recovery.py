@@ -1,0 +1,114 @@
+"""Claims, interrupted and unclear submissions, and their recovery, against a stand-in scheduler
+whose lookups by name return what a real one lists (Slurm forgets finished array tasks, PBS keeps
+no history). On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from orchestrator import dispatching
+from orchestrator.registry.db import Registry
+from orchestrator.registry.models import Job, Run
+from orchestrator.resources import Resources
+from orchestrator.schedulers.base import (
+    Batch,
+    BatchMember,
+    PollResult,
+    Scheduler,
+    Submission,
+    run_command,
+)
+from orchestrator.settings import settings
+from tests.dispatch_support import TINY, cli, configure
+
+
+class StandIn(Scheduler):
+    """A scheduler whose find_by_names answers `listed`; submit runs `submit_argv` for real
+    (a command that times out, or exits non-zero)."""
+
+    name = "slurm"
+    index_variable = "SLURM_ARRAY_TASK_ID"
+
+    def __init__(self, listed: dict[str, dict[int, str]] | None = None,
+                 submit_argv: Sequence[str] = ("false",), timeout_s: float = 5.0) -> None:
+        super().__init__({})
+        self.listed = listed or {}
+        self.submit_argv = list(submit_argv)
+        self.timeout_s = timeout_s
+        self.lookups: list[list[str]] = []
+
+    def submit_command(self, batch: Batch) -> list[str]:
+        return self.submit_argv
+
+    def submit(self, batch: Batch) -> Submission:
+        run_command(self.submit_argv, timeout_s=self.timeout_s)
+        raise AssertionError("the stand-in submit command must fail")
+
+    def poll(self, job_ids: Sequence[str]) -> PollResult:
+        return PollResult()
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        pass
+
+    def find_by_names(self, names: Sequence[str],
+                      sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
+        self.lookups.append(list(names))
+        return {name: self.listed[name] for name in names if name in self.listed}
+
+
+def _queue_four(workspace: Path, capsys: pytest.CaptureFixture[str]) -> list[int]:
+    configure(workspace, "")
+    assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA,SWA", "--seed-list",
+               "0", *TINY)[0] == 0
+    with Registry(settings().database_url).session() as session:
+        return list(session.scalars(select(Run.id).order_by(Run.id)))
+
+
+def _batch(run_ids: list[int], token: str, tmp_path: Path) -> Batch:
+    members = tuple(BatchMember(rid, tmp_path / "runs" / str(rid)) for rid in run_ids)
+    return Batch(token, members, Resources(), tmp_path / "batches" / token,
+                 ("python", "-m", "agents.train"))
+
+
+def _jobs(registry: Registry) -> dict[int, tuple[str | None, datetime | None]]:
+    with registry.session() as session:
+        return {job.run_id: (job.job_id, job.submitted_at)
+                for job in session.scalars(select(Job))}
+
+
+def _states(registry: Registry) -> dict[int, str]:
+    with registry.session() as session:
+        return dict(session.execute(select(Run.id, Run.state)).all())
+
+
+def test_recovery_records_ids_by_array_index_when_the_scheduler_lists_only_some_tasks(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    token = "satrl-0123456789"
+    assert dispatching.claim_runs(registry, "slurm", _batch(run_ids, token, tmp_path)) \
+        == set(run_ids)
+    claimed_at = datetime.now(UTC) - timedelta(minutes=5)
+    with registry.write() as session:
+        session.execute(update(Job).values(submitted_at=claimed_at))
+    # Tasks 0 and 1 finished and Slurm forgot them; 2 and 3 are still listed.
+    stand_in = StandIn({token: {2: "77_2", 3: "77_3"}})
+    monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
+    assert dispatching.recover_pending(registry, settings()) == 2
+    jobs = _jobs(registry)
+    assert [jobs[rid][0] for rid in run_ids] == [None, None, "77_2", "77_3"]
+    with registry.session() as session:
+        assert set(session.scalars(select(Job.array_job_id).where(Job.job_id.is_not(None)))) \
+            == {"77"}
+    # The claim time stays the job's submission time: files written since it belong to it.
+    for rid in run_ids[2:]:
+        stored = jobs[rid][1]
+        assert stored is not None
+        assert abs((stored.replace(tzinfo=UTC) - claimed_at).total_seconds()) < 1
+    registry.dispose()
