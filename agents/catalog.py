@@ -15,6 +15,10 @@ ATTENTION_TYPES: tuple[str, ...] = ("NA", "SWA", "CWRA", "CWCA", "CWRCA")
 #: The paper's five seeds, in the order `--seeds N` takes them.
 PAPER_SEEDS: tuple[int, ...] = (0, 1, 10, 42, 1234)
 
+#: What an experiment may be called: it names a folder under scratch and the store, so no
+#: slashes, no leading dot, no markup or shell characters.
+EXPERIMENT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
 #: Axis-of-dynamics classes of the study, in report order.
 AXES: tuple[str, ...] = ("horizontal", "vertical", "no-axis", "off-axis", "several-axes")
 

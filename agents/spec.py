@@ -14,11 +14,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from agents.catalog import ATTENTION_TYPES, GAMES, env_id, nearest
+from agents.catalog import ATTENTION_TYPES, EXPERIMENT_NAME_PATTERN, GAMES, env_id, nearest
 
 #: Version of run.json's layout. Bump it when a field is added, renamed or changes meaning.
 SCHEMA_VERSION = 1
@@ -40,6 +41,7 @@ def _f(
     min: float | None = None,
     max: float | None = None,
     choices: tuple[Any, ...] | None = None,
+    pattern: str | None = None,
 ) -> Any:
     return field(
         default=default,
@@ -50,6 +52,7 @@ def _f(
             "min": min,
             "max": max,
             "choices": choices,
+            "pattern": pattern,
         },
     )
 
@@ -64,7 +67,8 @@ class RunSpec:
     attn: str = _f("NA", "Self-attention type after the first convolution.",
                    choices=ATTENTION_TYPES)
     seed: int = _f(0, "Random seed of the agent and the environments.", min=0, max=2**31 - 1)
-    experiment: str = _f("main", "Experiment the run belongs to.", scientific=False)
+    experiment: str = _f("main", "Experiment the run belongs to (letters, digits, _ . -).",
+                         scientific=False, pattern=EXPERIMENT_NAME_PATTERN)
     run_id: int | None = _f(None, "Registry id of the run (set when dispatched).",
                             scientific=False, min=1)
 
@@ -247,6 +251,9 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
         raise SpecError(f"{f.name} must be >= {meta['min']}, got {value!r}")
     if meta["max"] is not None and value > meta["max"]:
         raise SpecError(f"{f.name} must be <= {meta['max']}, got {value!r}")
+    if meta["pattern"] is not None and not re.fullmatch(meta["pattern"], value):
+        raise SpecError(f"{f.name} {value!r} is not a valid name: use 1-64 letters, digits, "
+                        "'_', '.' or '-', starting with a letter or digit")
     if meta["choices"] is not None and value not in meta["choices"]:
         choices = meta["choices"]
         listed = ", ".join(map(str, choices)) if len(choices) <= 10 else f"{len(choices)} names"

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from agents.catalog import EXPERIMENT_NAME_PATTERN
+from orchestrator.errors import UsageError
+
+
+def check_experiment_name(name: str) -> str:
+    """The name itself, or one clear error: it becomes a folder under scratch and the store."""
+    if not re.fullmatch(EXPERIMENT_NAME_PATTERN, name):
+        raise UsageError(f"experiment name {name!r} is not valid: use 1-64 letters, digits, "
+                         "'_', '.' or '-', starting with a letter or digit")
+    return name
 
 
 def run_relpath(experiment: str, game: str, attn: str, seed: int) -> Path:
     """`<experiment>/<Game>/<TYPE>/<seed>`: the same below scratch and below the store."""
-    return Path(experiment) / game / attn / str(seed)
+    return Path(check_experiment_name(experiment)) / game / attn / str(seed)
 
 
 def run_dir(scratch: Path, experiment: str, game: str, attn: str, seed: int) -> Path:

@@ -103,6 +103,11 @@ def test_other_settings_in_an_existing_experiment_are_refused(
         (["--games", "Pong", "--attn", "NA", "--set", "seed=3"], "cannot change seed"),
         (["--games", "Pong", "--attn", "NA", "--preset", "papr"], "did you mean paper"),
         (["--games", "Pong", "--attn", "NA", "--seeds", "9"], "1..5"),
+        # Experiment names become folders under scratch and the store.
+        (["--games", "Pong", "--attn", "NA", "-e", "../../escaped"], "not valid"),
+        (["--games", "Pong", "--attn", "NA", "-e", "/tmp/abs"], "not valid"),
+        (["--games", "Pong", "--attn", "NA", "-e", "[/x]"], "not valid"),
+        (["--games", "Pong", "--attn", "NA", "-e", "x@LAUNCH@y"], "not valid"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(

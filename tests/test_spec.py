@@ -86,6 +86,7 @@ def test_bad_overrides_are_refused(overrides: dict[str, str], message: str) -> N
         ({"schema": SCHEMA_VERSION + 1}, "newer than this worker"),
         ({"schema": "1"}, "no integer 'schema'"),
         ({"spec_hash": "0" * 64}, "does not match"),
+        ({"experiment": "../../etc"}, "not a valid name"),
     ],
 )
 def test_malformed_run_json_is_refused(patch: dict[str, object], message: str) -> None:

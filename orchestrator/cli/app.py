@@ -92,9 +92,10 @@ def main() -> None:
 
 def current_experiment(experiment: str | None) -> str:
     """The experiment a command acts on: the option, else the workspace's default."""
+    from orchestrator.paths import check_experiment_name
     from orchestrator.settings import settings
 
-    return experiment or settings().experiment
+    return check_experiment_name(experiment or settings().experiment)
 
 
 def make_filter(

@@ -95,9 +95,10 @@ def import_results_command(
     (0, 1, 10, 42, 1234). Importing the same file again adds nothing.
     """
     from orchestrator.analysis.published import import_results
+    from orchestrator.paths import check_experiment_name
     from orchestrator.registry.db import open_registry
 
-    result = import_results(open_registry(), file, experiment)
+    result = import_results(open_registry(), file, check_experiment_name(experiment))
     if json_:
         print_json(result.to_json())
         return
