@@ -46,10 +46,7 @@ class Settings:
 
     def section(self, name: str) -> dict[str, Any]:
         """A table of satrl.toml (empty when absent)."""
-        value = self.raw.get(name, {})
-        if not isinstance(value, dict):
-            raise UsageError(f"{CONFIG_NAME}: [{name}] must be a table")
-        return value
+        return _table(self.raw, name)
 
     @property
     def is_sqlite(self) -> bool:
@@ -66,6 +63,13 @@ def _read_config(workspace: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid TOML: {error}") from None
 
 
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise UsageError(f"{CONFIG_NAME}: [{name}] must be a table, not {value!r}")
+    return value
+
+
 def _path(workspace: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else workspace / path
@@ -75,9 +79,11 @@ def load_settings(start: Path | None = None) -> Settings:
     """Settings of the workspace around `start` (default: the current folder)."""
     workspace = find_workspace(start)
     raw = _read_config(workspace)
-    registry = raw.get("registry", {})
-    paths = raw.get("paths", {})
-    dispatch = raw.get("dispatch", {})
+    registry, paths, dispatch = (_table(raw, name) for name in ("registry", "paths", "dispatch"))
+    for table, key in ((registry, "url"), (paths, "store"), (paths, "scratch"),
+                       (dispatch, "backend"), (raw, "experiment")):
+        if key in table and not isinstance(table[key], str):
+            raise UsageError(f"{CONFIG_NAME}: {key} must be a string, not {table[key]!r}")
     url = os.environ.get("SATRL_DATABASE_URL") or registry.get("url")
     if not url:
         url = f"sqlite:///{workspace / '.satrl' / 'satrl.db'}"

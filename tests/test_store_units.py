@@ -123,6 +123,9 @@ def test_metrics_and_monitor_readers(tmp_path: Path) -> None:
     csv_path.write_text("timesteps,loss\n256,0.1,9\n")
     with pytest.raises(ContentError):
         read_metrics_csv(csv_path)
+    csv_path.write_text("timesteps,loss\ninf,0.1\n")  # int(float("inf")) overflows
+    with pytest.raises(ContentError):
+        read_metrics_csv(csv_path)
     monitor = tmp_path / "train_0.monitor.csv"
     monitor.write_text('#{"t_start": 1}\nr,l,t\n-21,4000,1.0\n-20,2000,2.0\nr,l,t\n3,400,3\n')
     # frames / frame_skip x n_envs: 4000/4*8 = 8000, 6000/4*8 = 12000, 6400/4*8 = 12800.
@@ -130,6 +133,9 @@ def test_metrics_and_monitor_readers(tmp_path: Path) -> None:
         (8000, "episode_score", -21.0), (8000, "episode_frames", 4000.0),
         (12000, "episode_score", -20.0), (12000, "episode_frames", 2000.0),
         (12800, "episode_score", 3.0), (12800, "episode_frames", 400.0)]
+    monitor.write_text('#{"t_start": 1}\nr,l,t\n-21,inf,1.0\n')
+    with pytest.raises(ContentError):
+        read_monitor(monitor, n_envs=8, frame_skip=4)
     provenance = tmp_path / "provenance.json"
     provenance.write_text(json.dumps({"attempts": [{"attempt": "1"}]}))
     with pytest.raises(ContentError):

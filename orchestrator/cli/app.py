@@ -82,7 +82,28 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as error:
+        message = _unreachable_registry(error)
+        if message is None:
+            raise
+        err_console.print(f"[red]satrl:[/red] {escape(message)}", highlight=False,
+                          soft_wrap=True)
+        return 1
     return 0
+
+
+def _unreachable_registry(error: Exception) -> str | None:
+    """One line for a registry that cannot be reached or opened, else None."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    if exc is None or not isinstance(error, exc.OperationalError | exc.InterfaceError):
+        return None
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.settings import settings
+
+    where = make_url(settings().database_url).render_as_string(hide_password=True)
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    return f"cannot use the registry at {where}: {reason}"
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from orchestrator.cli.app import (
     AttnOpt,
@@ -160,14 +161,18 @@ def _render(results: list[Any]) -> None:
     console.print(table)
     stores = {str(Path(r.store_dir).parents[3]) for r in results if r.store_dir}
     if len(results) == 1:
-        console.print(f"store: {results[0].store_dir}", highlight=False, soft_wrap=True)
+        console.print(f"store: {escape(str(results[0].store_dir))}", highlight=False,
+                      soft_wrap=True)
     elif stores:
         console.print(f"store: {', '.join(sorted(stores))}", highlight=False, soft_wrap=True)
     for r in results:
         if r.error:
-            err_console.print(f"[red]{r.key}:[/red] {r.error}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]{r.key}:[/red] {escape(str(r.error))}", highlight=False,
+                              soft_wrap=True)
         for f in r.problems:
-            err_console.print(f"[red]{r.key}: {f.path}:[/red] {f.problem} (not registered)",
+            # Paths and problems come from a manifest: never read them as markup.
+            err_console.print(f"[red]{r.key}: {escape(str(f.path))}:[/red] "
+                              f"{escape(str(f.problem))} (not registered)",
                               highlight=False, soft_wrap=True)
 
 

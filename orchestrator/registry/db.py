@@ -32,7 +32,11 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise SatrlError(f"cannot create the registry's folder for {database}: "
+                                 f"{error.strerror}") from None
         engine = create_engine(url, connect_args={"timeout": 60})
         _configure_sqlite(engine)
         return engine

@@ -102,7 +102,7 @@ def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
         try:
             timestep = int(float(row[0]))
             values = [float(cell) if cell.strip() else math.nan for cell in row[1:]]
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:  # int(float("inf")) overflows
             raise ContentError(f"metrics.csv line {line_no}: {error}") from None
         # SQLite has no NaN (it would store NULL): an absent value is no row.
         out.extend((timestep, name, value) for name, value in zip(names, values, strict=True)
@@ -139,7 +139,7 @@ def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, st
             continue
         try:
             score, frames = float(row["r"]), int(float(row["l"]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ContentError(f"{path.name} row {line_no}: r and l must be numbers") from None
         frames_total += frames
         timestep = round(frames_total / frame_skip) * n_envs
