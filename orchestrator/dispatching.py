@@ -10,8 +10,10 @@ For each batch (an array of at most `[dispatch] max_array` runs of one experimen
 
 A crash between 3 and 4 leaves jobs rows with a token and no id. The next dispatch, sync or status
 (`recover_pending`) asks the scheduler for jobs of that name: found, the ids are recorded; not
-found and the run directory shows no sign of the job, the runs go back to queued. A submission
-the scheduler refused is rolled back the same way, with an event saying why. Dispatches of one
+found and the run directory shows no sign of the job, the runs go back to queued. A failed
+submission (a refusal, a timeout) is looked up by name at once the same way: found, its ids are
+recorded; not found, the runs go back to queued with an event saying why; the scheduler not
+answering, the claim stays for the next recovery. Dispatches of one
 workspace are serialised by a file lock, so recovery never mistakes a submission in flight for a
 crashed one.
 """
@@ -33,7 +35,7 @@ from sqlalchemy import select, update
 
 from agents.spec import RunSpec
 from orchestrator import lifecycle
-from orchestrator.errors import SatrlError, UsageError
+from orchestrator.errors import SatrlError, SchedulerError, UsageError
 from orchestrator.paths import run_dir as run_dir_path
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Event, Experiment, Job, Run, RunState
@@ -206,13 +208,39 @@ def submit_batch(registry: Registry, scheduler: Scheduler, planned: PlannedBatch
                 select(Run).where(Run.id.in_(list(claimed))))}
         for member in batch.members:
             prepare_run_dir(member.run_dir, specs[member.run_id], member.run_id)
-        submission = scheduler.submit(batch)
     except (SatrlError, OSError) as error:
         release_claim(registry, batch.token, f"submission failed: {error}")
         raise
+    try:
+        submission = scheduler.submit(batch)
+    except (SatrlError, OSError) as error:
+        # A timeout (or an answer we could not read) does not say the scheduler refused the
+        # job: look for it by name before putting the runs back in the queue.
+        planned.job_ids = resolve_unclear_submission(registry, scheduler, batch, error)
+        return
     record_submission(registry, batch.token, dict(enumerate(submission.job_ids)),
                       submission.array_job_id)
     planned.job_ids = submission.job_ids
+
+
+def resolve_unclear_submission(registry: Registry, scheduler: Scheduler, batch: Batch,
+                               error: Exception) -> tuple[str, ...]:
+    """After a failed submit: the ids if the scheduler has the batch after all (recorded);
+    else the claim is released and `error` raised. When the scheduler cannot be asked, the
+    claim stays (token, no id) for recover_pending and a SchedulerError says so."""
+    try:
+        found = scheduler.find_by_names([batch.token], {batch.token: len(batch.members)})
+    except SatrlError as lookup_error:
+        raise SchedulerError(
+            f"{error}; whether {scheduler.name} accepted batch {batch.token} is unknown "
+            f"({lookup_error}); the next dispatch, sync or status looks for it again") from error
+    members = found.get(batch.token)
+    if not members:
+        release_claim(registry, batch.token, f"submission failed: {error}")
+        raise error
+    array_id = _array_id(scheduler.name, [members[i] for i in sorted(members)])
+    record_submission(registry, batch.token, members, array_id)
+    return tuple(members[i] for i in sorted(members))
 
 
 def claim_runs(registry: Registry, backend: str, batch: Batch) -> set[int]:

@@ -112,3 +112,60 @@ def test_recovery_records_ids_by_array_index_when_the_scheduler_lists_only_some_
         assert stored is not None
         assert abs((stored.replace(tzinfo=UTC) - claimed_at).total_seconds()) < 1
     registry.dispose()
+
+
+def _planned(run_ids: list[int], token: str, tmp_path: Path) -> dispatching.PlannedBatch:
+    return dispatching.PlannedBatch(_batch(run_ids, token, tmp_path),
+                                    [(rid, str(rid)) for rid in run_ids], [], "")
+
+
+def test_submit_that_times_out_but_was_accepted_keeps_the_claim_and_records_the_ids(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    token = "satrl-aaaaaaaaaa"
+    # sbatch hangs past its timeout, yet the scheduler has the array: no second submission.
+    stand_in = StandIn({token: {i: f"78_{i}" for i in range(4)}}, ["sleep", "5"], 0.2)
+    planned = _planned(run_ids, token, tmp_path)
+    dispatching.submit_batch(registry, stand_in, planned)
+    assert stand_in.lookups == [[token]]
+    assert planned.job_ids == tuple(f"78_{i}" for i in range(4))
+    assert set(_states(registry).values()) == {"submitted"}
+    assert [_jobs(registry)[rid][0] for rid in run_ids] == [f"78_{i}" for i in range(4)]
+    registry.dispose()
+
+
+def test_submit_refused_and_not_listed_releases_the_claim(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.errors import SchedulerError
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    stand_in = StandIn({}, ["false"])
+    with pytest.raises(SchedulerError, match="false failed with exit code 1"):
+        dispatching.submit_batch(registry, stand_in, _planned(run_ids, "satrl-bbbbbbbbbb",
+                                                              tmp_path))
+    assert set(_states(registry).values()) == {"queued"}
+    assert _jobs(registry) == {}
+    registry.dispose()
+
+
+def test_local_runner_that_does_not_announce_itself_is_killed_before_submit_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from orchestrator.errors import SchedulerError
+    from orchestrator.schedulers import local
+
+    # A stand-in interpreter that starts, never writes runner.json, and would run for long.
+    python = tmp_path / "slow-python"
+    python.write_text(f'#!/bin/bash\necho $$ > {tmp_path}/pid\nexec sleep 60\n')
+    python.chmod(0o755)
+    monkeypatch.setattr(local, "RUNNER_START_TIMEOUT_S", 1.0)
+    scheduler = local.LocalScheduler({}, tmp_path / "batches", str(python))
+    batch = _batch([1], "satrl-cccccccccc", tmp_path)
+    with pytest.raises(SchedulerError, match="did not start"):
+        scheduler.submit(batch)
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped: not even a zombie
+        os.kill(pid, 0)

@@ -71,6 +71,11 @@ class LocalScheduler(Scheduler):
                                      command=self.submit_command(batch),
                                      script=str(batch.script_path))
             if time.monotonic() > deadline:
+                # Stop it, or it may announce itself after the claim was released and run
+                # runs that are queued again (a second worker in the same run directory).
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
                 raise SchedulerError("the local runner did not start",
                                      command=self.submit_command(batch))
             time.sleep(0.05)
