@@ -62,10 +62,6 @@ def select_runs(run_filter: RunFilter) -> Select[tuple[Run]]:
     return run_filter.apply(statement).order_by(Run.experiment_id, Run.game, Run.attn, Run.seed)
 
 
-def find_runs(session: Session, run_filter: RunFilter) -> list[Run]:
-    return list(session.scalars(select_runs(run_filter)))
-
-
 def get_experiment(session: Session, name: str) -> Experiment:
     experiment = session.scalar(select(Experiment).where(Experiment.name == name))
     if experiment is None:
