@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import aliased
 
 from agents.spec import RunSpec
 from orchestrator import lifecycle
@@ -323,7 +324,7 @@ def release_claim(registry: Registry, token: str, why: str) -> list[int]:
                 session.add(Event(run_id=run.id, at=now, from_state=RunState.SUBMITTED.value,
                                   to_state=RunState.QUEUED.value, why=why))
                 released.append(run.id)
-            session.delete(job)
+                session.delete(job)
     return released
 
 
@@ -332,16 +333,20 @@ def recover_pending(registry: Registry, settings: Any) -> int:
 
     Call it holding the dispatch lock. Returns how many runs were recovered either way.
     """
+    later = aliased(Job)
+    newest = select(func.max(later.id)).where(later.run_id == Job.run_id).scalar_subquery()
     with registry.session() as session:
+        # Running runs too: a heartbeat may have started a run whose ids were never recorded.
         pending = list(session.execute(
-            select(Job.batch, Job.backend, Job.submitted_at, Job.run_id, Run.run_dir)
+            select(Job.batch, Job.backend, Job.submitted_at, Job.run_id, Run.run_dir, Run.state)
             .join(Run, Run.id == Job.run_id)
             .where(Job.job_id.is_(None), Job.batch.is_not(None), Job.ended_at.is_(None),
-                   Run.state == RunState.SUBMITTED.value)))
+                   Job.id == newest,
+                   Run.state.in_([RunState.SUBMITTED.value, RunState.RUNNING.value]))))
     if not pending:
         return 0
     by_backend: dict[str, set[str]] = {}
-    for token, backend, _claimed_at, _run_id, _dir in pending:
+    for token, backend, *_ in pending:
         by_backend.setdefault(backend, set()).add(token)
     recovered = 0
     for backend, tokens in by_backend.items():
@@ -352,7 +357,12 @@ def recover_pending(registry: Registry, settings: Any) -> int:
             if members:
                 array_id = _array_id(backend, [members[i] for i in sorted(members)])
                 recovered += record_submission(registry, token, members, array_id)
-            elif not _shows_activity([(row[4], row[2]) for row in pending if row[0] == token]):
+            elif not any(row[5] == RunState.RUNNING.value for row in pending
+                         if row[0] == token) \
+                    and not _shows_activity([(row[4], row[2]) for row in pending
+                                             if row[0] == token]):
+                # Unlisted and no sign of it ran: never submitted. Otherwise its runs stay and
+                # reconcile loses them after the grace period (they have no id to ask about).
                 recovered += len(release_claim(
                     registry, token, f"batch {token} never reached the {backend} scheduler "
                     "(dispatch was interrupted); queued again"))

@@ -138,10 +138,12 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
     from orchestrator.dispatching import dispatch_lock, recover_pending
 
     result = ReconcileResult()
+    recovered_all = False
     with dispatch_lock(settings, blocking=False) as locked:
         if locked:
             try:
                 result.recovered = recover_pending(registry, settings)
+                recovered_all = True
             except SatrlError as error:
                 result.errors.append(f"recovering interrupted dispatches: {error}")
     now = time.time() if now is None else now
@@ -153,6 +155,11 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
     decisions: list[_Round] = []
     for run in tracked:
         answer = answers.get(run.job_pk, NO_ANSWER)
+        if recovered_all and run.job_id is None and run.state.is_active():
+            # Recovery asked the scheduler for its batch by name and it was not listed: like
+            # an omitted job, lost once the grace period since the claim or the last heartbeat
+            # has passed. (While a dispatch holds the lock, its claims are left alone.)
+            answer = Answer(SchedulerView(True, None))
         files = read_files(run.run_dir, run.submitted_at)
         since = max(run.seen_at or 0.0, run.submitted_at)
         decision = lifecycle.decide(run.state, files, answer.view, now=now, since=since,

@@ -169,3 +169,41 @@ def test_local_runner_that_does_not_announce_itself_is_killed_before_submit_fail
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped: not even a zombie
         os.kill(pid, 0)
+
+
+def test_running_runs_whose_ids_were_never_recorded_are_recovered_or_lost_after_the_grace(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import time
+
+    from orchestrator import reconcile
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    # Two batches of two whose ids were never recorded (dispatch crashed after sbatch).
+    first, second = _batch(run_ids[:2], "satrl-dddddddddd", tmp_path), \
+        _batch(run_ids[2:], "satrl-eeeeeeeeee", tmp_path)
+    dispatching.claim_runs(registry, "slurm", first)
+    dispatching.claim_runs(registry, "slurm", second)
+    now = time.time()
+    with registry.write() as session:
+        session.execute(update(Job).values(submitted_at=datetime.fromtimestamp(now - 1200, UTC)))
+        # Heartbeats moved members 0, 1 and 2 to running in an earlier round.
+        session.execute(update(Run).where(Run.id.in_(run_ids[:3])).values(state="running"))
+    members = [*first.members, *second.members]
+    for member, beat in zip(members, (now - 900, now - 900, now - 5), strict=False):
+        member.run_dir.mkdir(parents=True)
+        (member.run_dir / "status.json").write_text(json.dumps({"updated_at": beat}))
+    # Slurm lists task 1 of the first batch only (0 stopped long ago) and forgot the second,
+    # whose member 2 still beats (so the batch did reach Slurm) and member 3 never ran.
+    stand_in = StandIn({"satrl-dddddddddd": {1: "79_1"}})
+    monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
+    monkeypatch.setattr(reconcile, "get_scheduler", lambda name, s: stand_in)
+    result = reconcile.reconcile(registry, settings(), force=True, now=now)
+    assert _states(registry) == dict(zip(run_ids, ["lost", "running", "running", "lost"],
+                                         strict=True))
+    jobs = _jobs(registry)
+    assert [jobs[rid][0] for rid in run_ids] == [None, "79_1", None, None]
+    assert sorted(t.run_id for t in result.transitions) == [run_ids[0], run_ids[3]]
+    registry.dispose()
