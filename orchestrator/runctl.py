@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from orchestrator import lifecycle
 from orchestrator.errors import NotFoundError, UsageError
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Event, Job, Reason, Run, RunState
@@ -102,17 +101,29 @@ def _still_in_scheduler(settings: Any, candidates: list[tuple[int, str, str | No
     return busy
 
 
+#: The states a requeue may move to queued (submitted -> queued is only a released claim).
+REQUEUEABLE = frozenset({RunState.FAILED.value, RunState.LOST.value, RunState.CANCELLED.value})
+
+
 def move_to_queued(registry: Registry, run_ids: list[int], why: str) -> set[int]:
     """failed | lost | cancelled -> queued, each with an event; the ids actually moved."""
     moved: set[int] = set()
     with registry.write() as session:
-        for run in session.scalars(select(Run).where(Run.id.in_(run_ids))):
-            if not lifecycle.can_transition(run.state, RunState.QUEUED):
+        read = list(session.execute(select(Run.id, Run.state).where(Run.id.in_(run_ids))))
+        for run_id, state in read:
+            if state not in REQUEUEABLE:
                 continue
-            session.add(Event(run_id=run.id, from_state=run.state,
-                              to_state=RunState.QUEUED.value, why=why))
-            run.state = RunState.QUEUED.value
-            moved.add(run.id)
+            # Conditional on the state read: a run another process resubmitted meanwhile
+            # (submitted, which may also go to queued, but only by releasing its own claim)
+            # must not be requeued, or two jobs would share its run directory.
+            changed = session.execute(
+                update(Run).where(Run.id == run_id, Run.state == state)
+                .values(state=RunState.QUEUED.value)
+                .execution_options(synchronize_session=False)).rowcount
+            if changed:
+                session.add(Event(run_id=run_id, from_state=state,
+                                  to_state=RunState.QUEUED.value, why=why))
+                moved.add(run_id)
     return moved
 
 

@@ -207,3 +207,20 @@ def test_running_runs_whose_ids_were_never_recorded_are_recovered_or_lost_after_
     assert [jobs[rid][0] for rid in run_ids] == [None, "79_1", None, None]
     assert sorted(t.run_id for t in result.transitions) == [run_ids[0], run_ids[3]]
     registry.dispose()
+
+
+def test_requeue_moves_only_failed_lost_or_cancelled_runs_never_a_resubmitted_one(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.runctl import move_to_queued
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    with registry.write() as session:
+        for rid, state in zip(run_ids, ["failed", "lost", "cancelled", "submitted"],
+                              strict=True):
+            session.execute(update(Run).where(Run.id == rid).values(state=state))
+    # The fourth run was requeued and dispatched again by another process meanwhile.
+    assert move_to_queued(registry, run_ids, "requeued by the user") == set(run_ids[:3])
+    assert set(_states(registry).items()) == {(rid, "queued") for rid in run_ids[:3]} | \
+        {(run_ids[3], "submitted")}
+    registry.dispose()
