@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import shlex
 import subprocess
 from abc import ABC, abstractmethod
@@ -164,10 +165,8 @@ class Scheduler(ABC):
             "@EXPORTS@": exports,
             "@LAUNCH@": " ".join(shlex.quote(part) for part in batch.launch),
         }
-        text = _template()
-        for key, value in values.items():
-            text = text.replace(key, value)
-        return text
+        # One pass: a value holding a placeholder (a path with @LAUNCH@ in it) stays as it is.
+        return re.sub(r"@[A-Z_]+@", lambda m: values.get(m.group(0), m.group(0)), _template())
 
     def write_script(self, batch: Batch) -> Path:
         """Write the job script into the batch folder (temp name, then renamed)."""
