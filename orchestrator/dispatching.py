@@ -101,16 +101,60 @@ def new_token() -> str:
     return f"satrl-{secrets.token_hex(5)}"
 
 
+#: PostgreSQL advisory lock key of dispatches (distinct from registry.db.PG_MIGRATION_LOCK).
+PG_DISPATCH_LOCK = 0x5A7A2
+#: Seconds a blocking dispatch lock waits.
+LOCK_WAIT_S = 600.0
+
+
 @contextlib.contextmanager
-def dispatch_lock(settings: Any, *, blocking: bool = True) -> Iterator[bool]:
-    """The workspace's dispatch lock; yields False when not blocking and someone holds it."""
+def dispatch_lock(settings: Any, *, blocking: bool = True,
+                  registry: Registry | None = None) -> Iterator[bool]:
+    """The dispatch lock; yields False when not blocking and someone holds it.
+
+    A file lock in the workspace, and with a PostgreSQL registry (a lab's, shared by several
+    workspaces or machines) also an advisory lock on the database, so that no two dispatchers
+    of one registry ever take each other's claims for crashed ones.
+    """
+    with _file_lock(settings, blocking) as held:
+        if not held or registry is None or registry.is_sqlite:
+            yield held
+            return
+        with _pg_lock(registry, blocking) as pg_held:
+            yield pg_held
+
+
+@contextlib.contextmanager
+def _pg_lock(registry: Registry, blocking: bool) -> Iterator[bool]:
+    from sqlalchemy import text
+
+    # Session-level lock on a connection of its own, in autocommit (never idle in a transaction).
+    with registry.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while not conn.scalar(text("SELECT pg_try_advisory_lock(:key)"),
+                              {"key": PG_DISPATCH_LOCK}):
+            if not blocking:
+                yield False
+                return
+            if time.monotonic() > deadline:
+                raise SatrlError("another satrl dispatch of this registry holds its lock "
+                                 f"(PostgreSQL advisory lock {PG_DISPATCH_LOCK})")
+            time.sleep(0.5)
+        try:
+            yield True
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PG_DISPATCH_LOCK})
+
+
+@contextlib.contextmanager
+def _file_lock(settings: Any, blocking: bool) -> Iterator[bool]:
     from filelock import FileLock, Timeout
 
     folder = Path(settings.workspace) / ".satrl"
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / "dispatch.lock"))
     try:
-        lock.acquire(timeout=600 if blocking else 0)
+        lock.acquire(timeout=LOCK_WAIT_S if blocking else 0)
     except Timeout:
         if blocking:
             raise SatrlError(f"another satrl dispatch holds {folder / 'dispatch.lock'}") from None
@@ -130,7 +174,7 @@ def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
     resources = resolve_resources(settings, backend, request.resources)
     if request.limit is not None and request.limit < 1:
         raise UsageError("--limit must be at least 1")
-    with dispatch_lock(settings):
+    with dispatch_lock(settings, registry=registry):
         recovered = 0 if dry_run else recover_pending(registry, settings)
         planned = plan_batches(registry, settings, scheduler, resources, request)
         result = DispatchResult(backend, resources, planned, dry_run, recovered)

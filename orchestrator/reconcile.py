@@ -139,7 +139,7 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
 
     result = ReconcileResult()
     recovered_all = False
-    with dispatch_lock(settings, blocking=False) as locked:
+    with dispatch_lock(settings, blocking=False, registry=registry) as locked:
         if locked:
             try:
                 result.recovered = recover_pending(registry, settings)

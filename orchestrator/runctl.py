@@ -164,7 +164,7 @@ def cancel(registry: Registry, settings: Any, run_filter: RunFilter, *,
 
     result = CancelResult(dry_run=dry_run)
     open_states = [RunState.QUEUED.value, RunState.SUBMITTED.value, RunState.RUNNING.value]
-    with dispatch_lock(settings):
+    with dispatch_lock(settings, registry=registry):
         if not dry_run:
             recover_pending(registry, settings)
         with registry.session() as session:

@@ -224,3 +224,19 @@ def test_requeue_moves_only_failed_lost_or_cancelled_runs_never_a_resubmitted_on
     assert set(_states(registry).items()) == {(rid, "queued") for rid in run_ids[:3]} | \
         {(run_ids[3], "submitted")}
     registry.dispose()
+
+
+def test_dispatch_lock_is_shared_by_every_workspace_of_a_postgresql_registry(
+        registry: Registry, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    one, other = (SimpleNamespace(workspace=tmp_path / name) for name in ("one", "two"))
+    with dispatching.dispatch_lock(one, registry=registry) as held:
+        assert held
+        with dispatching.dispatch_lock(one, blocking=False, registry=registry) as again:
+            assert again is False  # the workspace's file lock
+        with dispatching.dispatch_lock(other, blocking=False, registry=registry) as elsewhere:
+            # Another workspace (machine) on the same PostgreSQL waits; SQLite is one machine's.
+            assert elsewhere is registry.is_sqlite
+    with dispatching.dispatch_lock(other, blocking=False, registry=registry) as released:
+        assert released
