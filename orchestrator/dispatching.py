@@ -43,7 +43,7 @@ from orchestrator.registry.models import Event, Experiment, Job, Run, RunState
 from orchestrator.registry.queries import RunFilter, select_runs
 from orchestrator.resources import Resources, resolve_resources
 from orchestrator.schedulers import batches_folder, get_scheduler, python_interpreter
-from orchestrator.schedulers.base import Batch, BatchMember, Scheduler
+from orchestrator.schedulers.base import Batch, BatchMember, Scheduler, config_number
 
 #: Largest array by default (Slurm's default MaxArraySize is 1001; PBS's max_array_size 10000).
 DEFAULT_MAX_ARRAY = 1000
@@ -174,6 +174,7 @@ def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
     resources = resolve_resources(settings, backend, request.resources)
     if request.limit is not None and request.limit < 1:
         raise UsageError("--limit must be at least 1")
+    check_config(settings, scheduler)
     with dispatch_lock(settings, registry=registry):
         recovered = 0 if dry_run else recover_pending(registry, settings)
         planned = plan_batches(registry, settings, scheduler, resources, request)
@@ -186,6 +187,19 @@ def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
     return result
 
 
+def check_config(settings: Any, scheduler: Scheduler) -> None:
+    """The dispatch area's numbers of satrl.toml, checked before anything is claimed."""
+    from orchestrator.reconcile import DEFAULT_LOST_GRACE_S, DEFAULT_MAX_ATTEMPTS
+
+    table, source = settings.section("dispatch"), "satrl.toml [dispatch]"
+    config_number(table, "max_array", DEFAULT_MAX_ARRAY, source, minimum=1)
+    config_number(table, "max_attempts", DEFAULT_MAX_ATTEMPTS, source, minimum=1)
+    config_number(table, "lost_grace_s", DEFAULT_LOST_GRACE_S, source, kind=float)
+    _ = scheduler.poll_interval_s
+    if hasattr(scheduler, "max_parallel"):
+        _ = scheduler.max_parallel
+
+
 def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
                  resources: Resources, request: DispatchRequest) -> list[PlannedBatch]:
     """The queued runs of the request, grouped into batches with their scripts and commands."""
@@ -194,7 +208,8 @@ def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
     statement = select_runs(request.run_filter).where(Run.state == RunState.QUEUED.value)
     if request.limit:
         statement = statement.limit(request.limit)
-    max_array = int(settings.section("dispatch").get("max_array", DEFAULT_MAX_ARRAY))
+    max_array = int(config_number(settings.section("dispatch"), "max_array", DEFAULT_MAX_ARRAY,
+                                  "satrl.toml [dispatch]", minimum=1))
     planned: list[PlannedBatch] = []
     with registry.session() as session:
         runs = list(session.scalars(statement))

@@ -38,10 +38,12 @@ from orchestrator.registry.models import (
 )
 from orchestrator.registry.queries import RunFilter
 from orchestrator.schedulers import get_scheduler
-from orchestrator.schedulers.base import JobState, PollResult
+from orchestrator.schedulers.base import JobState, PollResult, config_number
 
 #: Default seconds a job may go unlisted by its scheduler, with no heartbeat, before it is lost.
 DEFAULT_LOST_GRACE_S = 600.0
+#: Default submissions of a run auto-requeue makes at most.
+DEFAULT_MAX_ATTEMPTS = 3
 #: Clock slack between the login node and compute nodes when matching files to a submission.
 CLOCK_SLACK_S = 5.0
 
@@ -147,7 +149,8 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
             except SatrlError as error:
                 result.errors.append(f"recovering interrupted dispatches: {error}")
     now = time.time() if now is None else now
-    grace_s = float(settings_value(settings, "lost_grace_s", DEFAULT_LOST_GRACE_S))
+    grace_s = float(config_number(settings.section("dispatch"), "lost_grace_s",
+                                  DEFAULT_LOST_GRACE_S, "satrl.toml [dispatch]", kind=float))
     tracked = _load(registry, run_filter or RunFilter())
     if not tracked:
         return result
@@ -369,7 +372,8 @@ def _auto_requeue(registry: Registry, settings: Any, decisions: list[_Round],
                   result: ReconcileResult) -> None:
     from orchestrator.runctl import requeue_and_dispatch
 
-    max_attempts = int(settings_value(settings, "max_attempts", 3))
+    max_attempts = int(config_number(settings.section("dispatch"), "max_attempts",
+                                     DEFAULT_MAX_ATTEMPTS, "satrl.toml [dispatch]", minimum=1))
     moved = {t.run_id for t in result.transitions}
     candidates: dict[str, list[int]] = {}
     for item in decisions:

@@ -240,3 +240,26 @@ def test_dispatch_lock_is_shared_by_every_workspace_of_a_postgresql_registry(
             assert elsewhere is registry.is_sqlite
     with dispatching.dispatch_lock(other, blocking=False, registry=registry) as released:
         assert released
+
+
+@pytest.mark.parametrize(("toml", "dispatch", "message"), [
+    ("", "max_array = 0", "satrl.toml [dispatch]: max_array must be >= 1, not 0"),
+    ("", "max_array = 2.5", "satrl.toml [dispatch]: max_array must be a whole number, not 2.5"),
+    ("", 'lost_grace_s = "ten"', "satrl.toml [dispatch]: lost_grace_s must be a number, not"),
+    ("", 'max_attempts = "3"', "satrl.toml [dispatch]: max_attempts must be a number, not"),
+    ('[local]\npoll_interval_s = "x"\n', "",
+     "satrl.toml [local]: poll_interval_s must be a number, not 'x'"),
+    ('[local]\nmax_parallel = "x"\n', "",
+     "satrl.toml [local]: max_parallel must be a number, not 'x'"),
+])
+def test_bad_dispatch_settings_are_one_line_before_anything_is_claimed(
+        workspace: Path, capsys: pytest.CaptureFixture[str], toml: str, dispatch: str,
+        message: str) -> None:
+    run_ids = _queue_four(workspace, capsys)
+    configure(workspace, toml, dispatch=f'backend = "local"\n{dispatch}')
+    code, out, err = cli(capsys, "dispatch")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    registry = Registry(settings().database_url)
+    assert set(_states(registry).values()) == {"queued"} and _jobs(registry) == {}
+    assert len(run_ids) == 4
+    registry.dispose()

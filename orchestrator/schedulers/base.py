@@ -19,7 +19,7 @@ from importlib import resources as package_files
 from pathlib import Path
 from typing import Any, ClassVar
 
-from orchestrator.errors import SchedulerError
+from orchestrator.errors import SchedulerError, UsageError
 from orchestrator.resources import Resources
 
 #: Seconds one scheduler command may take before it counts as failed.
@@ -129,6 +129,22 @@ def run_command(command: Sequence[str], *, script: Path | None = None,
     return completed
 
 
+def config_number(table: dict[str, Any], key: str, default: float, source: str, *,
+                  kind: type = int, minimum: float = 0) -> float:
+    """A number of a satrl.toml table, checked: UsageError naming it and its table otherwise."""
+    import math
+
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value):
+        raise UsageError(f"{source}: {key} must be a number, not {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise UsageError(f"{source}: {key} must be a whole number, not {value!r}")
+    if value < minimum:
+        raise UsageError(f"{source}: {key} must be >= {minimum:g}, not {value!r}")
+    return int(value) if kind is int else float(value)
+
+
 def _template() -> str:
     return (package_files.files("orchestrator.schedulers") / "templates" / "job.sh.tmpl"
             ).read_text()
@@ -148,7 +164,8 @@ class Scheduler(ABC):
 
     @property
     def poll_interval_s(self) -> float:
-        return float(self.config.get("poll_interval_s", self.default_poll_interval_s))
+        return float(config_number(self.config, "poll_interval_s", self.default_poll_interval_s,
+                                   f"satrl.toml [{self.name}]", kind=float, minimum=0))
 
     # --- the job script ------------------------------------------------------------------
     def render_script(self, batch: Batch) -> str:

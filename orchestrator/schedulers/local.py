@@ -26,6 +26,7 @@ from orchestrator.schedulers.base import (
     PollResult,
     Scheduler,
     Submission,
+    config_number,
 )
 from orchestrator.schedulers.local_runner import TICK_S, cancel_path, member_path
 from orchestrator.schedulers.procs import is_alive, read_json, write_json_atomic
@@ -48,7 +49,8 @@ class LocalScheduler(Scheduler):
 
     @property
     def max_parallel(self) -> int:
-        return max(1, int(self.config.get("max_parallel", 1)))
+        return int(config_number(self.config, "max_parallel", 1, "satrl.toml [local]",
+                                 minimum=1))
 
     def submit_command(self, batch: Batch) -> list[str]:
         return [self.python, "-m", "orchestrator.schedulers.local_runner", str(batch.folder)]
