@@ -203,10 +203,12 @@ class ManifestBuilder:
         return entries
 
     def _digest(self, relative: str, path: Path, stat: os.stat_result, immutable: bool) -> str:
-        key = (stat.st_size, stat.st_mtime_ns)
+        # The inode too: os.replace() gives a rewritten checkpoint a new one, while size and a
+        # coarse (one-second) mtime on Lustre or NFS can stay the same.
+        key = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
         cached = self._cache.get(relative)
-        if immutable and cached is not None and cached[:2] == key:
-            return cached[2]
+        if immutable and cached is not None and cached[:-1] == key:
+            return cached[-1]
         digest = sha256_file(path)
         self._cache[relative] = (*key, digest)
         return digest

@@ -135,7 +135,17 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_field(f, getattr(self, f.name))
+            value = getattr(self, f.name)
+            _check_field(f, value)
+            if _type_name(f) == "float" and isinstance(value, int):
+                # 1 and 1.0 are one spec: store the float so that both hash alike.
+                object.__setattr__(self, f.name, float(value))
+        if self.total_timesteps % self.n_envs:
+            raise SpecError(
+                f"total_timesteps {self.total_timesteps} is not a multiple of n_envs "
+                f"{self.n_envs}: every env steps once per agent step, so training would end "
+                "past the budget"
+            )
         if self.batch_size > self.n_envs * self.n_steps:
             raise SpecError(
                 f"batch_size {self.batch_size} exceeds the rollout of n_envs x n_steps = "

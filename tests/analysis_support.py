@@ -1,6 +1,6 @@
 """Small synthetic studies written straight into a registry, for the analysis and report tests.
 
-Runs are queued by the real queue service (paper preset, 4 evaluations of 250 steps), then given
+Runs are queued by the real queue service (paper preset, 4 evaluations 256 steps apart), then given
 evaluations as own runs have them: one row per episode (n_episodes 1).
 """
 
@@ -12,7 +12,7 @@ from orchestrator.queueing import QueueRequest, queue_runs
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Evaluation, Experiment, Run, RunState
 
-EVAL_EVERY = 250
+EVAL_EVERY = 256  # a multiple of the paper preset's 16 envs
 N_EVALS = 4
 OVERRIDES = {"total_timesteps": str(EVAL_EVERY * N_EVALS), "eval_every_steps": str(EVAL_EVERY)}
 

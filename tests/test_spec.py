@@ -44,9 +44,19 @@ def test_hash_covers_scientific_fields_only() -> None:
     base = PAPER.replace(game="Pong", attn="NA", seed=0)
     assert base.replace(experiment="other", run_id=3, torch_threads=2, checkpoint_every_steps=7,
                         deadline_margin_s=1.0, env_backend="dummy").spec_hash() == base.spec_hash()
-    for change in ({"seed": 1}, {"attn": "SWA"}, {"total_timesteps": 5}, {"ent_coef": 0.02},
+    for change in ({"seed": 1}, {"attn": "SWA"}, {"total_timesteps": 32}, {"ent_coef": 0.02},
                    {"eval_episodes": 1}, {"clip_reward": False}):
         assert base.replace(**change).spec_hash() != base.spec_hash(), change
+
+
+def test_an_int_given_for_a_float_field_is_the_same_spec() -> None:
+    same = PAPER.replace(vf_coef=1, gamma=1)
+    assert isinstance(same.vf_coef, float) and same == PAPER.replace(gamma=1.0)
+    assert same.spec_hash() == PAPER.replace(gamma=1.0).spec_hash()
+    data = PAPER.to_dict()
+    data.pop("spec_hash")
+    data["vf_coef"] = 1
+    assert RunSpec.from_dict(data).spec_hash() == PAPER.spec_hash()
 
 
 def test_overrides_parse_by_type() -> None:
@@ -67,6 +77,7 @@ def test_overrides_parse_by_type() -> None:
         ({"lr_schedule": "cosine"}, "lr_schedule must be one of"),
         ({"batch_size": "100000"}, "exceeds the rollout"),
         ({"learning_rate": "nan"}, "finite"),
+        ({"total_timesteps": "1001"}, "not a multiple of n_envs"),
     ],
 )
 def test_bad_overrides_are_refused(overrides: dict[str, str], message: str) -> None:

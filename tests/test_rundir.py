@@ -1,0 +1,23 @@
+"""Run-directory helpers (agents/rundir.py) without training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agents.rundir import ManifestBuilder, checkpoint_path, verify_manifest, write_bytes
+
+
+def test_a_rewritten_checkpoint_of_equal_size_and_mtime_is_hashed_again(tmp_path: Path) -> None:
+    # The worker saves the final checkpoint again at a step the schedule already saved; on a
+    # filesystem with one-second mtimes both files can share size and mtime.
+    path = checkpoint_path(tmp_path, 2048)
+    path.parent.mkdir(parents=True)
+    write_bytes(path, b"A" * 4096)
+    os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    builder = ManifestBuilder(tmp_path)
+    builder.write(final=False)
+    write_bytes(path, b"B" * 4096)  # new weights, same size, replaced atomically
+    os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    builder.write(final=True)
+    assert verify_manifest(tmp_path) == []
