@@ -81,8 +81,8 @@ def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = Fal
              "attempts": 0}
             for s in specs
         ]
-        added_ids = _insert_ignoring_existing(session, registry, Run, rows,
-                                              ["experiment_id", "game", "attn", "seed"], Run.id)
+        added_ids = registry.insert_ignoring_conflicts(
+            session, Run, rows, ["experiment_id", "game", "attn", "seed"], Run.id)
         existing = _existing(session, request.experiment, specs)
         _check_same_specs(existing, specs)
         if added_ids:
@@ -95,23 +95,10 @@ def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = Fal
                        len(specs) - len(added_ids), False)
 
 
-def _insert_ignoring_existing(session: Session, registry: Registry, model: Any,
-                              rows: list[dict[str, Any]], key: list[str], returning: Any
-                              ) -> list[Any]:
-    if not rows:
-        return []
-    if registry.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    statement = insert(model).on_conflict_do_nothing(index_elements=key).returning(returning)
-    return list(session.scalars(statement, rows))
-
-
 def _experiment(session: Session, registry: Registry, name: str, preset: str,
                 overrides: dict[str, str]) -> Experiment:
-    _insert_ignoring_existing(
-        session, registry, Experiment,
+    registry.insert_ignoring_conflicts(
+        session, Experiment,
         [{"name": name, "preset": preset, "overrides": overrides, "notes": "", "imported": False}],
         ["name"], Experiment.id,
     )

@@ -200,17 +200,25 @@ def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
     return tracked
 
 
+#: How far another process's clock may run ahead before its poll stamp is disbelieved.
+CLOCK_SKEW_S = 5.0
+
+
 def claim_poll(registry: Registry, backend: str, interval_s: float, now: float,
                force: bool) -> bool:
     """Whether this process may ask `backend`'s scheduler now (and if so, note that it does)."""
     with registry.write() as session:
-        row = session.scalar(select(SchedulerPoll).where(SchedulerPoll.backend == backend)
-                             .with_for_update())
-        if row is None:
-            session.add(SchedulerPoll(backend=backend, polled_at=from_epoch(now), calls=1))
-            return True
+        # Create the row first (a no-op when it exists): SELECT ... FOR UPDATE locks nothing
+        # on a missing row, and two first polls would both INSERT and one would fail.
+        registry.insert_ignoring_conflicts(
+            session, SchedulerPoll, [{"backend": backend, "polled_at": from_epoch(0), "calls": 0}],
+            ["backend"], SchedulerPoll.backend)
+        row = session.scalars(select(SchedulerPoll).where(SchedulerPoll.backend == backend)
+                              .with_for_update()).one()
         last = epoch(row.polled_at) or 0.0
-        if not force and 0 <= now - last < interval_s:
+        # A poll stamped a little later than `now` (another host's clock, microsecond rounding
+        # of the stored time) is recent; only one far in the future is ignored.
+        if not force and -CLOCK_SKEW_S <= now - last < interval_s:
             return False
         row.polled_at = from_epoch(now)
         row.calls = row.calls + 1

@@ -233,10 +233,8 @@ def import_results(registry: Registry, path: Path, experiment: str) -> ImportRes
 
 def _experiment(session: Session, registry: Registry, name: str, source: str,
                 sha256: str) -> Experiment:
-    from orchestrator.queueing import _insert_ignoring_existing
-
-    _insert_ignoring_existing(
-        session, registry, Experiment,
+    registry.insert_ignoring_conflicts(
+        session, Experiment,
         [{"name": name, "preset": "paper", "overrides": {}, "imported": True,
           "notes": import_notes(source, sha256)}],
         ["name"], Experiment.id)

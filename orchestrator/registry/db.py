@@ -108,6 +108,22 @@ class Registry:
                     session.connection().exec_driver_sql("PRAGMA query_only=OFF")
                     session.commit()
 
+    def insert_ignoring_conflicts(self, session: Session, model: Any, rows: list[dict[str, Any]],
+                                  key: list[str], returning: Any) -> list[Any]:
+        """INSERT ... ON CONFLICT (key) DO NOTHING RETURNING: the values of the rows added.
+
+        Idempotent and race-free on both dialects: rows another transaction added first are
+        skipped (PostgreSQL waits for that transaction), never duplicated or failed on.
+        """
+        if not rows:
+            return []
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        statement = insert(model).on_conflict_do_nothing(index_elements=key).returning(returning)
+        return list(session.scalars(statement, rows))
+
     def dispose(self) -> None:
         self.engine.dispose()
 

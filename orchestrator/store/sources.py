@@ -162,15 +162,19 @@ class RsyncSource(Source):
             args = ["-t", "--from0", f"--files-from={listing.name}", "--out-format=%l %n",
                     self._remote(run_dir), f"{dest}/"]
             command = ["rsync", "-e", self.ssh_command, *args]
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
-            assert process.stdout is not None
-            for line in process.stdout:
-                size, _, _name = line.partition(" ")
-                if on_bytes and size.isdigit():
-                    on_bytes(int(size))
-            stderr = process.stderr.read() if process.stderr else ""
-            code = process.wait()
+            # stderr goes to a file: read after stdout, a pipe could fill with warnings and
+            # block rsync while we wait for its stdout.
+            with tempfile.TemporaryFile("w+") as errors:
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors,
+                                           text=True)
+                assert process.stdout is not None
+                for line in process.stdout:
+                    size, _, _name = line.partition(" ")
+                    if on_bytes and size.isdigit():
+                        on_bytes(int(size))
+                code = process.wait()
+                errors.seek(0)
+                stderr = errors.read()
         # 23/24: some files were missing or vanished; the caller finds them absent and says so.
         if code not in (0, 23, 24):
             raise SourceError(_failure("could not copy from", self._remote(run_dir),
