@@ -325,7 +325,14 @@ def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
             current = dict(session.execute(
                 select(Run.id, Run.state).where(Run.id.in_([c.run.run_id for c in changes]))
                 .with_for_update()).all())
-            changes = [c for c in changes if current.get(c.run.run_id) == c.run.state.value]
+            # ... and so does a newer attempt: a run requeued and resubmitted meanwhile has the
+            # same state again, but its newest job is no longer the one this round judged.
+            newest = dict(session.execute(
+                select(Job.run_id, func.max(Job.id))
+                .where(Job.run_id.in_([c.run.run_id for c in changes])).group_by(Job.run_id)
+            ).all())
+            changes = [c for c in changes if current.get(c.run.run_id) == c.run.state.value
+                       and newest.get(c.run.run_id) == c.run.job_pk]
         if changes:
             session.execute(update(Run), [
                 {"id": c.run.run_id, "state": c.decision.state.value, "updated_at": stamp}
