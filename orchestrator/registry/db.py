@@ -49,8 +49,8 @@ def _configure_sqlite(engine: Engine) -> None:
         # Let SQLAlchemy, not the sqlite3 module, emit BEGIN (so it can be IMMEDIATE).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=60000")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -65,6 +65,27 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             connection.exec_driver_sql("BEGIN")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch a database file to WAL once (the mode is stored in the file).
+
+    Two processes opening a fresh file together both try the switch, and SQLite answers the
+    loser "database is locked" at once, without waiting for the busy timeout: retry briefly.
+    """
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class Registry:
@@ -177,7 +198,9 @@ def ensure_schema(engine: Engine) -> bool:
 def upgrade(engine: Engine, target: str = "head") -> None:
     from alembic import command
 
-    with engine.begin() as connection:
+    # A writer from BEGIN on (IMMEDIATE on SQLite): a deferred transaction that reads and then
+    # writes can be refused at once when another connection is mid-commit.
+    with engine.execution_options(satrl_write=True).begin() as connection:
         command.upgrade(alembic_config(connection), target)
 
 
