@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from agents.catalog import ATTENTION_TYPES
+from agents.rundir import atomic_writer, write_bytes
 from orchestrator import paths
 from orchestrator.errors import NotFoundError, UsageError
 
@@ -291,16 +292,12 @@ def _action_names(
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_bytes(path, text.encode())
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
+    with atomic_writer(path) as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
-    os.replace(temporary, path)
 
 
 # --- the command's requests -------------------------------------------------------------------

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from orchestrator import lifecycle
 from orchestrator.errors import SatrlError, SchedulerError, UsageError
 from orchestrator.paths import run_dir as run_dir_path
 from orchestrator.registry.db import Registry
-from orchestrator.registry.models import Event, Experiment, Job, Run, RunState
+from orchestrator.registry.models import Event, Experiment, Job, Run, RunState, epoch, utcnow
 from orchestrator.registry.queries import RunFilter, select_runs
 from orchestrator.resources import Resources, resolve_resources
 from orchestrator.schedulers import batches_folder, get_scheduler, python_interpreter
@@ -90,10 +90,6 @@ class DispatchResult:
         return {"backend": self.backend, "dry_run": self.dry_run, "recovered": self.recovered,
                 "resources": self.resources.to_json(), "runs": len(self.run_ids),
                 "batches": [b.to_json() for b in self.batches]}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_token() -> str:
@@ -442,7 +438,7 @@ def _shows_activity(members: list[tuple[str | None, datetime | None]]) -> bool:
     for run_dir, claimed_at in members:
         if not run_dir:
             continue
-        since = _epoch(claimed_at) - 1.0
+        since = (epoch(claimed_at) or 0.0) - 1.0
         for log in Path(run_dir, "logs").glob("attempt-*.out"):
             with contextlib.suppress(OSError):
                 if log.stat().st_mtime >= since:
@@ -450,9 +446,3 @@ def _shows_activity(members: list[tuple[str | None, datetime | None]]) -> bool:
     return False
 
 
-def _epoch(moment: datetime | None) -> float:
-    if moment is None:
-        return 0.0
-    if moment.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()

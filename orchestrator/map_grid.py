@@ -8,7 +8,6 @@ column's colour map and enlarged `scale` times by repetition, at `GridLayout.cel
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from agents.rundir import atomic_writer
 from orchestrator.errors import UsageError
 
 MAP_SIZE = 84
@@ -137,10 +137,8 @@ def render_grid(
         for i, line in enumerate(lines[: layout.cell_px // LINE_PX]):
             _text(draw, font, (layout.pad_px, y + i * LINE_PX), line,
                   layout.label_width_px - layout.pad_px)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_writer(path) as handle:
+        image.save(handle, format="PNG")
     return layout
 
 

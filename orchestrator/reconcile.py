@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ from orchestrator.registry.models import (
     Run,
     RunState,
     SchedulerPoll,
+    epoch,
+    from_epoch,
 )
 from orchestrator.registry.queries import RunFilter
 from orchestrator.schedulers import get_scheduler
@@ -115,18 +117,6 @@ class _Tracked:
     scheduler_state: str | None
     node: str | None = None
     started_at: datetime | None = None
-
-
-def epoch(moment: datetime | None) -> float | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite gives naive datetimes; satrl stores UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
-def from_epoch(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
 
 
 def settings_value(settings: Any, key: str, default: Any) -> Any:

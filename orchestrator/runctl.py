@@ -159,7 +159,8 @@ def cancel(registry: Registry, settings: Any, run_filter: RunFilter, *,
            dry_run: bool = False) -> CancelResult:
     """Cancel the queued and active runs matching the filter: the scheduler first (one call per
     backend), then the registry (-> cancelled, reason cancelled on the attempt)."""
-    from orchestrator.dispatching import dispatch_lock, recover_pending, utcnow
+    from orchestrator.dispatching import dispatch_lock, recover_pending
+    from orchestrator.registry.models import utcnow
     from orchestrator.registry.queries import select_runs
 
     result = CancelResult(dry_run=dry_run)

@@ -21,3 +21,16 @@ def test_a_rewritten_checkpoint_of_equal_size_and_mtime_is_hashed_again(tmp_path
     os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
     builder.write(final=True)
     assert verify_manifest(tmp_path) == []
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        target = tmp_path / "report.html"
+        write_bytes(target, b"<html></html>")
+        plain = tmp_path / "plain.html"
+        plain.write_bytes(b"<html></html>")
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+    assert target.read_bytes() == b"<html></html>"

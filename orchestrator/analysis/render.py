@@ -12,11 +12,11 @@ import base64
 import csv
 import html
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.catalog import AXES, GAMES
+from agents.rundir import write_bytes
 from orchestrator.analysis.aggregates import METRICS
 from orchestrator.analysis.compare import BAND_Z
 from orchestrator.analysis.report import Report
@@ -371,8 +371,5 @@ def write_report(report: Report, fmt: str, out_dir: Path) -> list[Path]:
 
 
 def _write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    write_bytes(path, data)
     return path

@@ -39,6 +39,20 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def epoch(moment: datetime | None) -> float | None:
+    """Epoch seconds of a stored time (SQLite returns naive datetimes; satrl stores UTC)."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def from_epoch(seconds: float) -> datetime:
+    """The UTC time of epoch seconds, as satrl stores it."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 class RunState(enum.StrEnum):
     """A run's state; stored as these stable strings."""
 

@@ -8,7 +8,6 @@ jobs, how jobs are cancelled and found by name. The job script is the same for e
 from __future__ import annotations
 
 import enum
-import os
 import re
 import shlex
 import subprocess
@@ -19,6 +18,7 @@ from importlib import resources as package_files
 from pathlib import Path
 from typing import Any, ClassVar
 
+from agents.rundir import write_bytes
 from orchestrator.errors import SchedulerError, UsageError
 from orchestrator.resources import Resources
 
@@ -189,10 +189,8 @@ class Scheduler(ABC):
         """Write the job script into the batch folder (temp name, then renamed)."""
         batch.folder.mkdir(parents=True, exist_ok=True)
         path = batch.script_path
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.render_script(batch))
-        tmp.chmod(0o755)
-        os.replace(tmp, path)
+        write_bytes(path, self.render_script(batch).encode())
+        path.chmod(0o755)
         return path
 
     # --- what a backend provides ---------------------------------------------------------

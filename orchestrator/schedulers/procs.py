@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from agents import rundir
+from agents.rundir import write_bytes
 
 
 def start_ticks(pid: int) -> int | None:
@@ -31,14 +33,11 @@ def is_alive(pid: int | None, ticks: int | None) -> bool:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    """A runner's bookkeeping file, written like every run-directory file (temp, rename)."""
+    write_bytes(path, json.dumps(data).encode())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """A bookkeeping file's object, or None if it is missing, unreadable or not an object."""
+    data = rundir.read_json(path)
     return data if isinstance(data, dict) else None
