@@ -123,6 +123,9 @@ class RunSpec:
     engine: str = _f("sb3", "PPO loop: SB3's own (sb3, the reference path) or the same "
                      "algorithm with the rollout buffer on the device (fast, agents.fast).",
                      scientific=False, choices=("sb3", "fast"))
+    cuda_graphs: bool = _f(False, "Replay the fast engine's per-step and update work as CUDA "
+                           "graphs (engine fast, on a CUDA device; eager elsewhere).",
+                           scientific=False)
     device: str = _f("auto", "Torch device.", scientific=False, choices=("auto", "cpu", "cuda"))
     torch_threads: int = _f(0, "Torch intra-op threads; 0 lets torch decide.", unit="threads",
                             scientific=False, min=0, max=1024)
@@ -156,6 +159,11 @@ class RunSpec:
                 f"engine {self.engine} cannot run env_backend {self.env_backend}: the fast engine "
                 "steps ale-py's vector env (engine=fast env_backend=ale_vector); the sb3 engine "
                 "steps SB3 VecEnvs (subproc or dummy)"
+            )
+        if self.cuda_graphs and (self.engine != "fast" or self.device == "cpu"):
+            raise SpecError(
+                f"cuda_graphs needs engine fast on a CUDA device (device cuda or auto), not "
+                f"engine {self.engine} on device {self.device}"
             )
 
     # --- derived values -------------------------------------------------------------------

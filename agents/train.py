@@ -343,9 +343,11 @@ class Worker:
                 if source is not None:  # same algorithm and callbacks, device-resident loop
                     from agents.fast.engine import FastPPO
 
-                    FastPPO(self.model, source).learn(remaining, callback=callbacks,
-                                                      log_interval=1, tb_log_name="PPO",
-                                                      reset_num_timesteps=False, seed=seed)
+                    # cuda_graphs under device auto: graphs where the device is a GPU.
+                    graphs = spec.cuda_graphs and self.model.device.type == "cuda"
+                    engine = FastPPO(self.model, source, cuda_graphs=graphs)
+                    engine.learn(remaining, callback=callbacks, log_interval=1,
+                                 tb_log_name="PPO", reset_num_timesteps=False, seed=seed)
                 else:
                     self.model.learn(remaining, callback=callbacks, log_interval=1,
                                      tb_log_name="PPO", reset_num_timesteps=False)

@@ -215,3 +215,121 @@ def test_profiler_counts_the_syncs_of_sb3_train() -> None:
         model.train()
     syncs = sum(1 for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense"))
     assert syncs >= 12 * 4
+
+
+def _sgd_problem(seed: int) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    grads = [torch.randn(7, 6) for _ in range(9)]
+    return net, grads
+
+
+def _adam_steps(net: torch.nn.Module, optimizer: Any, inputs: list[torch.Tensor],
+                step: Any) -> None:
+    for x in inputs:
+        for p in net.parameters():
+            p.grad = None
+        net(x).square().mean().backward()
+        step()
+
+
+def test_device_adam_follows_torch_adam_and_resumes_under_it() -> None:
+    """DeviceAdam (device step count and lr, capturable) against torch.optim.Adam(eps=1e-5):
+    9 steps from a fresh state, then a saved state resumed by both; torch's own step tensors
+    advance with it, so the saved optimizer is one torch's Adam continues from."""
+    from agents.fast.engine import DeviceAdam
+
+    ref_net, inputs = _sgd_problem(0)
+    dev_net = copy.deepcopy(ref_net)
+    ref_opt = torch.optim.Adam(ref_net.parameters(), lr=3e-3, eps=1e-5)
+    dev_opt = torch.optim.Adam(dev_net.parameters(), lr=3e-3, eps=1e-5)
+    adam = DeviceAdam(dev_opt)
+    adam.prepare()
+    adam.set_lr()
+    _adam_steps(ref_net, ref_opt, inputs, ref_opt.step)
+    _adam_steps(dev_net, dev_opt, inputs, adam.step)
+    adam.count_host_steps(len(inputs))
+    for p_dev, p_ref in zip(dev_net.parameters(), ref_net.parameters(), strict=True):
+        torch.testing.assert_close(p_dev, p_ref, rtol=1e-6, atol=1e-8)
+    assert all(float(s["step"]) == 9 for s in dev_opt.state.values())
+    # Resume: torch's Adam from the device-stepped state, and a new DeviceAdam from torch's.
+    ref_opt.param_groups[0]["lr"] = dev_opt.param_groups[0]["lr"] = 1e-3
+    resumed_torch = torch.optim.Adam(dev_net.parameters(), lr=1e-3, eps=1e-5)
+    resumed_torch.load_state_dict(copy.deepcopy(dev_opt.state_dict()))
+    twin_net = copy.deepcopy(ref_net)
+    twin_opt = torch.optim.Adam(twin_net.parameters(), lr=1e-3, eps=1e-5)
+    twin_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # torch shares tensors
+    resumed_device = DeviceAdam(twin_opt)
+    resumed_device.prepare()
+    resumed_device.set_lr()
+    assert float(resumed_device.step_count) == 9
+    more = inputs[:4]
+    _adam_steps(ref_net, ref_opt, more, ref_opt.step)
+    _adam_steps(dev_net, resumed_torch, more, resumed_torch.step)
+    _adam_steps(twin_net, twin_opt, more, resumed_device.step)
+    for p_ref, p_a, p_b in zip(ref_net.parameters(), dev_net.parameters(),
+                               twin_net.parameters(), strict=True):
+        torch.testing.assert_close(p_a, p_ref, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(p_b, p_ref, rtol=1e-6, atol=1e-8)
+    # Not vacuous: without the bias corrections the parameters would be elsewhere.
+    plain_net = copy.deepcopy(_sgd_problem(0)[0])
+    plain = torch.optim.Adam(plain_net.parameters(), lr=3e-3, eps=1e-5)
+    plain_device = DeviceAdam(plain)
+    plain_device.prepare()
+    plain_device.set_lr()
+    plain_device.step_count.fill_(1e6)  # bias corrections ~1
+    _adam_steps(plain_net, plain, inputs, plain_device.step)
+    ref_again, _ = _sgd_problem(0)
+    again = torch.optim.Adam(ref_again.parameters(), lr=3e-3, eps=1e-5)
+    _adam_steps(ref_again, again, inputs, again.step)
+    assert not torch.allclose(next(plain_net.parameters()), next(ref_again.parameters()),
+                              atol=1e-6)
+
+
+def test_device_adam_refuses_unequal_step_counts() -> None:
+    from agents.fast.engine import DeviceAdam
+
+    net, inputs = _sgd_problem(1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-5)
+    _adam_steps(net, optimizer, inputs[:2], optimizer.step)
+    next(iter(optimizer.state.values()))["step"] += 1
+    with pytest.raises(ValueError, match="step counts differ"):
+        DeviceAdam(optimizer).prepare()
+
+
+def _all_syncs(prof: torch.profiler.profile) -> int:
+    return sum(1 for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense"))
+
+
+def test_graph_bodies_read_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bodies that CUDA graphs capture (per step: the policy's action and the recording of
+    the transition; per update: every epoch and minibatch and the statistics) contain no
+    host sync at all: a capture would fail on one, and eagerly each would stall the GPU."""
+    model = make_model()
+    r = crafted_rollout(model, seed=9)
+    forbid_sb3_loops(monkeypatch)
+    engine = FastPPO(model, source=None)
+    engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(),
+                        env_major(r["values"]), env_major(r["log_probs"]),
+                        torch.randn(N_ENVS * N_STEPS), torch.randn(N_ENVS * N_STEPS))
+    model._current_progress_remaining = 0.5
+    engine.train()
+    engine.staged[:, engine._frame_bytes + 1] = 1  # record every env's transition at row 0
+    engine.stack.random_(0, 256)
+    stack = engine.stack.clone()
+    weights = copy.deepcopy(model.policy.state_dict())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine._act_body()
+        engine._advance_body()
+        engine._update_body()
+    assert _all_syncs(prof) == 0
+    # The bodies ran: 12 minibatches, new weights, the stacks recorded and advanced.
+    assert sum(1 for e in prof.events() if e.name == "satrl::minibatch") == 12
+    assert any(not torch.equal(weights[k], v) for k, v in model.policy.state_dict().items())
+    assert torch.equal(engine.obs[0], stack[0]) and torch.equal(engine.obs[N_STEPS], stack[1])
+    assert torch.equal(engine.stack[:, :-1], stack[:, 1:])
+
+
+def test_cuda_graphs_need_a_cuda_device() -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        FastPPO(make_model(), source=None, cuda_graphs=True)

@@ -115,14 +115,14 @@ def test_truncation_bootstraps_with_the_terminal_value() -> None:
                 policy_kwargs={"net_arch": []}, seed=0, device="cpu")
     engine = FastPPO(model, source)
     seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    step = source.step
+    receive = source.receive
 
-    def spy(send: np.ndarray) -> Any:
-        outcome = step(send)
+    def spy() -> Any:
+        outcome = receive()
         seen.append((outcome.frames.copy(), outcome.bootstrap.copy(), outcome.done.copy()))
         return outcome
 
-    source.step = spy  # type: ignore[method-assign]
+    source.receive = spy  # type: ignore[method-assign]
     engine.start(seed=0)
 
     class Quiet:
@@ -165,6 +165,13 @@ def test_spec_pairs_the_fast_engine_with_the_vector_env() -> None:
     spec = SMOKE.replace(engine="fast", env_backend="ale_vector")
     assert spec.spec_hash() == SMOKE.spec_hash()  # execution fields: not hashed
     assert RunSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SpecError, match="cuda_graphs needs engine fast on a CUDA device"):
+        SMOKE.replace(cuda_graphs=True)
+    with pytest.raises(SpecError, match="not engine fast on device cpu"):
+        spec.replace(device="cpu", cuda_graphs=True)
+    graphs = spec.replace(device="auto", cuda_graphs=True)
+    assert graphs.spec_hash() == SMOKE.spec_hash()
+    assert RunSpec.from_dict(graphs.to_dict()) == graphs
 
 
 def test_worker_on_the_fast_path_writes_the_run_directory(

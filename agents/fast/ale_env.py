@@ -139,7 +139,8 @@ class AtariVectorSource:
     """n_envs Atari games under SB3 AtariWrapper's protocol, stepped together in C++ threads.
 
     Usage: `frames = reset(seed)` (fresh stacks), then per step
-    `send, visible = actions_to_send(policy_actions)` and `outcome = step(send)`.
+    `send, visible = actions_to_send(policy_actions)` and `outcome = step(send)`, or
+    `send(send)`, other work while the games run, and `outcome = receive()`.
     """
 
     def __init__(self, spec: RunSpec, num_threads: int = 0,
@@ -225,7 +226,20 @@ class AtariVectorSource:
 
     def step(self, send: np.ndarray) -> StepOutcome:
         """Step every env with `send` (from actions_to_send) and interpret the result."""
-        obs, reward, terminated, truncated, info = self.env.step(send)
+        self.send(send)
+        return self.receive()
+
+    def send(self, send: np.ndarray) -> None:
+        """Start stepping every env with `send` (from actions_to_send) and return at once.
+
+        The emulation runs in ale-py's C++ threads until `receive`; the host is free meanwhile
+        (ale-py's async interface: AtariVectorEnv.send/recv, here over the whole batch).
+        """
+        self.env.send(np.ascontiguousarray(send, dtype=np.int64))
+
+    def receive(self) -> StepOutcome:
+        """Wait for the step started by `send` and interpret its result."""
+        obs, reward, terminated, truncated, info = self.env.recv()
         visible = self._visible
         reward = np.asarray(reward, dtype=np.float64)
         terminated = np.asarray(terminated, dtype=bool)

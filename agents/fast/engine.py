@@ -45,6 +45,12 @@ if TYPE_CHECKING:
 #: Flag bytes appended to each env's frame in the per-step staging buffer.
 _FRESH, _RECORD, _POS_LO, _POS_HI, _BOOT, _FILLED = range(6)
 _N_FLAGS = 6
+#: The update's statistics, in the order of `FastPPO._stats` (the first six are logged as is).
+_STATS = ("entropy_loss", "policy_gradient_loss", "value_loss", "approx_kl", "clip_fraction",
+          "loss", "explained_variance", "returns_variance")
+#: Eager runs of a body before its CUDA graph is captured (torch's recipe: warm up on a side
+#: stream, so that lazy initialisation and cuDNN's autotuning are not captured).
+_WARMUP_RUNS = 3
 
 
 def policy_outputs(policy: Any, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +97,13 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, episode_starts: tor
 
 
 class DeviceAdam:
-    """torch.optim.Adam's foreach update on the optimizer's own state, without `.item()`.
+    """torch.optim.Adam's update on the optimizer's own state, with no host sync: capturable.
 
-    torch keeps Adam's step count as a CPU tensor and reads it with `.item()` for the bias
-    corrections; here a host integer mirrors it (the tensor is still incremented, so a saved
-    optimizer resumes identically under torch's own Adam).
+    torch's non-capturable Adam reads its step count (a CPU tensor) for the bias corrections;
+    here one device step counter and a device learning rate feed them, as torch's
+    `capturable=True` Adam does, so the whole update can be captured in a CUDA graph. torch's
+    own per-parameter step tensors are advanced on the host after each update
+    (`count_host_steps`), so a saved optimizer resumes identically under torch's Adam.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -107,51 +115,66 @@ class DeviceAdam:
                 raise ValueError(f"FastPPO's Adam does not implement {key}={group[key]!r}")
         self.optimizer = optimizer
         self.group = group
-        self._steps: dict[int, int] = {}
+        self.params: list[torch.Tensor] = list(group["params"])
+        device = self.params[0].device
+        # float64, as the Python floats torch's own Adam computes its bias corrections in:
+        # in float32, 1 - 0.999**t loses five digits (0.999 is not a float32).
+        self.step_count = torch.zeros((), dtype=torch.float64, device=device)
+        self.lr = torch.zeros((), dtype=torch.float64, device=device)
+        self.exp_avgs: list[torch.Tensor] = []
+        self.exp_avg_sqs: list[torch.Tensor] = []
 
     def prepare(self) -> None:
-        """Read the step counts of a loaded optimizer once, before any minibatch loop."""
-        for p in self.group["params"]:
-            state = self.optimizer.state.get(p)
-            if state and id(p) not in self._steps:
-                self._steps[id(p)] = int(state["step"].item())  # a CPU tensor: no device sync
+        """Create (as torch does lazily) or read the optimizer state, once, before any update.
 
-    def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = self.optimizer.state[p]
-        if not state:  # exactly torch's lazy initialisation (non-capturable, non-fused)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self._steps[id(p)] = 0
-        elif id(p) not in self._steps:  # prepare() was not called
-            self._steps[id(p)] = int(state["step"].item())
-        return state
+        Every parameter steps at every update (SB3's policy has no unused parameter), so one
+        step count serves them all; a state where they differ is refused.
+        """
+        if self.exp_avgs:
+            return
+        counts = set()
+        for p in self.params:
+            state = self.optimizer.state[p]
+            if not state:  # exactly torch's lazy initialisation (non-capturable, non-fused)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            counts.add(float(state["step"]))  # a CPU tensor: no device sync
+        if len(counts) != 1:
+            raise ValueError(f"Adam's step counts differ between parameters: {sorted(counts)}")
+        self.step_count.fill_(counts.pop())
+        self.exp_avgs = [self.optimizer.state[p]["exp_avg"] for p in self.params]
+        self.exp_avg_sqs = [self.optimizer.state[p]["exp_avg_sq"] for p in self.params]
+
+    def set_lr(self) -> None:
+        """Take the param group's learning rate (SB3's schedule sets it) onto the device."""
+        self.lr.fill_(float(self.group["lr"]))
 
     @torch.no_grad()
     def step(self) -> None:
-        group = self.group
-        beta1, beta2 = group["betas"]
-        lr, eps = float(group["lr"]), float(group["eps"])
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        states = [self._state(p) for p in params]
-        grads = [p.grad for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_add_([s["step"] for s in states], 1)
-        for p in params:
-            self._steps[id(p)] += 1
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        counts = [self._steps[id(p)] for p in params]
-        step_size = [(lr / (1 - beta1 ** n)) * -1 for n in counts]
-        bias_correction2_sqrt = [(1 - beta2 ** n) ** 0.5 for n in counts]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
+        """One Adam step of every parameter from its .grad (graph-ready: device scalars only)."""
+        beta1, beta2 = self.group["betas"]
+        eps = float(self.group["eps"])
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            raise ValueError("a policy parameter got no gradient: FastPPO steps them all")
+        self.step_count += 1
+        bias_correction1 = 1 - beta1 ** self.step_count
+        bias_correction2_sqrt = (1 - beta2 ** self.step_count).sqrt()
+        torch._foreach_lerp_(self.exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(self.exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(self.exp_avg_sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(self.exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt.float())
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        # p += step_size * m / denom, step_size = -lr / bias_correction1, as torch's addcdiv_
+        # with value=step_size (whose value is a host float there, a device scalar here).
+        torch._foreach_div_(denom, (-self.lr / bias_correction1).float())
+        torch._foreach_addcdiv_(self.params, self.exp_avgs, denom)
+
+    def count_host_steps(self, steps: int) -> None:
+        """Advance torch's own CPU step tensors by the steps an update took on the device."""
+        torch._foreach_add_([self.optimizer.state[p]["step"] for p in self.params], steps)
 
 
 class _LazyStack:
@@ -168,11 +191,19 @@ class _LazyStack:
 class FastPPO:
     """Collects rollouts from an AtariVectorSource and updates `model.policy` like PPO.train.
 
+    Every per-step and per-update computation on the device is a *body* that works in place on
+    fixed buffers and never reads a value back to the host (`_act_body`, `_advance_body`,
+    `_update_body`). Eagerly they are the engine; on CUDA with `cuda_graphs` each is captured
+    once in a CUDA graph and replayed, so a vector step costs two graph launches instead of
+    some sixty kernel launches, and an update one launch instead of a few thousand.
+
     :param model: an SB3 PPO whose env is the source's stand-in (`source.stand_in()`).
     :param source: the training games; None for update-only use (tests, benchmarks).
+    :param cuda_graphs: replay the bodies as CUDA graphs (the spec's `cuda_graphs`; CUDA only).
     """
 
-    def __init__(self, model: PPO, source: AtariVectorSource | None) -> None:
+    def __init__(self, model: PPO, source: AtariVectorSource | None,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.policy = model.policy
         self.device = model.device
@@ -180,11 +211,16 @@ class FastPPO:
         self.n_envs, self.n_steps = model.n_envs, model.n_steps
         if self.n_steps > 0xFFFF:  # positions travel as two bytes of the staging buffer
             raise ValueError(f"FastPPO supports n_steps up to 65535, got {self.n_steps}")
+        if model.clip_range_vf is not None or model.target_kl is not None:
+            raise ValueError("FastPPO implements clip_range_vf=None and target_kl=None only")
         self.size = self.n_envs * self.n_steps
         obs_shape = model.observation_space.shape
         assert obs_shape is not None
         self.obs_shape = tuple(obs_shape)
         dev = self.device
+        if cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this model is on {dev}")
+        self.cuda_graphs = cuda_graphs
         if dev.type == "cuda":
             # Fixed batch shapes (n_envs in the rollout, batch_size in the update): let cuDNN
             # pick its fastest convolution algorithms once (float32 arithmetic unchanged).
@@ -203,17 +239,29 @@ class FastPPO:
         self.rewards_host = np.zeros((self.n_envs, self.n_steps), dtype=np.float32)
         self.starts_host = np.zeros((self.n_envs, self.n_steps), dtype=np.float32)
         self.last_dones_host = np.zeros(self.n_envs, dtype=np.float32)
+        # The per-step state, updated in place: the frame stacks, the stacks that follow each
+        # full column (for the last values), the policy's outputs on the current stacks.
         self.stack = torch.zeros((self.n_envs, *self.obs_shape), dtype=torch.uint8, device=dev)
         self.last_stack = torch.zeros_like(self.stack)
+        self.step_actions = torch.zeros(self.n_envs, dtype=torch.long, device=dev)
+        self.step_values = torch.zeros(self.n_envs, dtype=torch.float32, device=dev)
+        self.step_log_probs = torch.zeros(self.n_envs, dtype=torch.float32, device=dev)
         side = self.obs_shape[-1] * self.obs_shape[-2]
         self._frame_bytes = side
         pin = dev.type == "cuda"
+        # Per step, frames + flag bytes go host -> device in one copy, from pinned memory.
         self._staging = torch.zeros((self.n_envs, side + _N_FLAGS), dtype=torch.uint8,
                                     pin_memory=pin)
+        self.staged = torch.zeros_like(self._staging, device=dev)
         self._actions_host = torch.zeros(self.n_envs, dtype=torch.long, pin_memory=pin)
         self._env_rows = torch.arange(self.n_envs, device=dev) * self.n_steps
         self._episode_start = np.ones(self.n_envs, dtype=bool)  # of each env's next learner obs
+        # The update's inputs and outputs on the device: minibatch order, clip range, statistics.
         self.adam = DeviceAdam(self.policy.optimizer)
+        self._order = torch.zeros((model.n_epochs, self.size), dtype=torch.long, device=dev)
+        self._clip_range = torch.zeros((), dtype=torch.float32, device=dev)
+        self._stats = torch.zeros(len(_STATS), dtype=torch.float32, device=dev)
+        self._graphs: dict[str, Any] = {}  # body name -> torch.cuda.CUDAGraph
         self.timings: list[tuple[float, float]] = []  # (rollout s, update s) per iteration
         self.episode_scores: list[float] = []
         self._started = False
@@ -229,12 +277,92 @@ class FastPPO:
         self._started = True
 
     @torch.no_grad()
-    def _act(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _act_body(self) -> None:
+        """The policy on the current stacks: sampled actions, values, their log-probabilities."""
         log_probs, values = policy_outputs(self.policy, self.stack)
         # Gumbel-max: argmax(log p - log E), E ~ Exp(1), samples the categorical, no host sync.
         noise = torch.empty_like(log_probs).exponential_()
         actions = (log_probs - noise.log()).argmax(-1)
-        return actions, values, log_probs.gather(1, actions[:, None]).squeeze(1)
+        self.step_actions.copy_(actions)
+        self.step_values.copy_(values)
+        self.step_log_probs.copy_(log_probs.gather(1, actions[:, None]).squeeze(1))
+
+    @torch.no_grad()
+    def _advance_body(self, bootstrap: bool = False) -> None:
+        """Record this step's transitions from `staged` (frames + flags) and advance the stacks.
+
+        With `bootstrap` (a time-limit truncation this step; rare, never captured) the flagged
+        transitions' rewards get gamma * V(terminal stack).
+        """
+        staged, fb = self.staged, self._frame_bytes
+        flags = staged[:, fb:].long()
+        frames = staged[:, :fb].view(self.n_envs, 1, *self.obs_shape[1:])
+        rows = torch.where(flags[:, _RECORD].bool(),
+                           self._env_rows + flags[:, _POS_LO] + 256 * flags[:, _POS_HI],
+                           self.size)
+        self.obs.index_copy_(0, rows, self.stack)
+        self.actions.index_copy_(0, rows, self.step_actions)
+        self.values.index_copy_(0, rows, self.step_values)
+        self.log_probs.index_copy_(0, rows, self.step_log_probs)
+        new_stack = torch.cat((self.stack[:, 1:], frames), dim=1)
+        if bootstrap:  # time-limit truncation: r += gamma * V(terminal observation)
+            _, terminal_values = policy_outputs(self.policy, new_stack)
+            gamma = float(self.model.gamma)
+            self.bootstrap.index_add_(0, rows, gamma * terminal_values * flags[:, _BOOT])
+        keep = (1 - flags[:, _FRESH]).to(torch.uint8).view(-1, 1, 1, 1)
+        new_stack[:, :-1] *= keep
+        filled = flags[:, _FILLED].bool().view(-1, 1, 1, 1)
+        self.last_stack.copy_(torch.where(filled, new_stack, self.last_stack))
+        self.stack.copy_(new_stack)
+
+    def _run(self, name: str, body: Callable[[], None], keep: list[torch.Tensor]) -> None:
+        """Run a body: eagerly, or as its CUDA graph (captured on first use)."""
+        if not self.cuda_graphs:
+            body()
+            return
+        graph = self._graphs.get(name)
+        if graph is None:
+            graph = self._graphs[name] = self._capture(body, keep)
+        graph.replay()
+
+    def _capture(self, body: Callable[[], None], keep: list[torch.Tensor]) -> Any:
+        """A CUDA graph of `body`, after torch's recipe: warm up on a side stream, then capture.
+
+        The warm-up runs execute the body for real; `keep` lists the tensors it changes that
+        must not change (weights, optimizer state, frame stacks): they are put back afterwards.
+        A capture changes nothing (its kernels are recorded, not run).
+        """
+        saved = [t.clone() for t in keep]
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_RUNS):
+                body()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        with torch.no_grad():
+            for tensor, value in zip(keep, saved, strict=True):
+                tensor.copy_(value)
+        return graph
+
+    def _act(self) -> None:
+        self._run("act", self._act_body, keep=[])
+
+    def _advance(self, bootstrap: bool) -> None:
+        if bootstrap or not self.cuda_graphs:
+            self._advance_body(bootstrap)
+            return
+        if "advance" not in self._graphs:
+            # Warm-up runs must record nothing (flags zero: every row is the trash row) and
+            # leave the stacks as they are; the real flags go back in before the replay.
+            staged = self.staged.clone()
+            self.staged.zero_()
+            self._run("advance", self._advance_body, keep=[self.stack, self.last_stack])
+            self.staged.copy_(staged)
+        self._run("advance", self._advance_body, keep=[self.stack, self.last_stack])
 
     def collect_rollout(self, callback: BaseCallback) -> bool:
         """One rollout of n_steps learner transitions per env; False if a callback stops it."""
@@ -246,77 +374,54 @@ class FastPPO:
         pos = np.zeros(n_envs, dtype=np.int64)
         self.bootstrap.zero_()
         staging = self._staging.numpy()
-        frame_bytes = self._frame_bytes
-        gamma = float(model.gamma)
+        fb = self._frame_bytes
+        cuda = self.device.type == "cuda"
         vector_steps = 0
         while (pos < n_steps).any():
-            actions, values, log_probs = self._act()
-            self._actions_host.copy_(actions, non_blocking=True)
-            if self.device.type == "cuda":
+            self._act()
+            self._actions_host.copy_(self.step_actions, non_blocking=True)
+            if cuda:
                 torch.cuda.current_stream(self.device).synchronize()  # the step's one sync
             send, visible = source.actions_to_send(self._actions_host.numpy())
+            source.send(send)
+            # While the games run: this step's bookkeeping that needs no outcome.
             record = visible & (pos < n_steps)
-            outcome = source.step(send)
-            # Host bookkeeping of the recorded transitions.
             envs = np.flatnonzero(record)
             at = pos[envs]
-            self.rewards_host[envs, at] = outcome.reward[envs]
             self.starts_host[envs, at] = self._episode_start[envs]
+            filled = record & (pos == n_steps - 1)
+            staging[:, fb + _RECORD] = record
+            staging[:, fb + _POS_LO] = pos & 0xFF
+            staging[:, fb + _POS_HI] = pos >> 8
+            staging[:, fb + _FILLED] = filled
+            pos[envs] += 1
+            vector_steps += 1
+            outcome = source.receive()
+            self.rewards_host[envs, at] = outcome.reward[envs]
             # The next learner obs starts an episode iff this transition ended one (hidden steps
             # leave the flag set; steps past a full column keep it current for the next rollout).
             self._episode_start[visible] = outcome.done[visible]
-            filled = record & (pos == n_steps - 1)
             self.last_dones_host[filled] = outcome.done[filled]
-            staging[:, :frame_bytes] = outcome.frames.reshape(n_envs, frame_bytes)
-            staging[:, frame_bytes + _FRESH] = outcome.fresh
-            staging[:, frame_bytes + _RECORD] = record
-            staging[:, frame_bytes + _POS_LO] = pos & 0xFF
-            staging[:, frame_bytes + _POS_HI] = pos >> 8
-            staging[:, frame_bytes + _BOOT] = outcome.bootstrap & record
-            staging[:, frame_bytes + _FILLED] = filled
-            pos[envs] += 1
-            self._device_step(actions, values, log_probs, gamma,
-                              any_bootstrap=bool((outcome.bootstrap & record).any()))
+            bootstrap = outcome.bootstrap & record
+            staging[:, :fb] = outcome.frames.reshape(n_envs, fb)
+            staging[:, fb + _FRESH] = outcome.fresh
+            staging[:, fb + _BOOT] = bootstrap
+            self.staged.copy_(self._staging, non_blocking=True)
+            self._advance(bootstrap=bool(bootstrap.any()))
             for _env, score, frames in outcome.episodes:
                 self.episode_scores.append(score)
                 if model.ep_info_buffer is not None:
                     model.ep_info_buffer.extend([{"r": score, "l": frames}])
-            vector_steps += 1
             model.num_timesteps = start_steps + min(vector_steps * n_envs, self.size)
             callback.update_locals({"new_obs": _LazyStack(self.stack)})
             if not callback.on_step():
                 return False
-        self._finish_rollout(gamma)
+        self._finish_rollout()
         callback.on_rollout_end()
         return True
 
     @torch.no_grad()
-    def _device_step(self, actions: torch.Tensor, values: torch.Tensor,
-                     log_probs: torch.Tensor, gamma: float, any_bootstrap: bool) -> None:
-        """One H2D copy of frames + flags; record the transitions; advance the frame stacks."""
-        staged = self._staging.to(self.device, non_blocking=True)
-        fb = self._frame_bytes
-        flags = staged[:, fb:].long()
-        frames = staged[:, :fb].view(self.n_envs, 1, *self.obs_shape[1:])
-        rows = torch.where(flags[:, _RECORD].bool(),
-                           self._env_rows + flags[:, _POS_LO] + 256 * flags[:, _POS_HI],
-                           self.size)
-        self.obs.index_copy_(0, rows, self.stack)
-        self.actions.index_copy_(0, rows, actions)
-        self.values.index_copy_(0, rows, values)
-        self.log_probs.index_copy_(0, rows, log_probs)
-        new_stack = torch.cat((self.stack[:, 1:], frames), dim=1)
-        if any_bootstrap:  # time-limit truncation: r += gamma * V(terminal observation)
-            _, terminal_values = policy_outputs(self.policy, new_stack)
-            self.bootstrap.index_add_(0, rows, gamma * terminal_values * flags[:, _BOOT])
-        keep = (1 - flags[:, _FRESH]).to(torch.uint8).view(-1, 1, 1, 1)
-        new_stack[:, :-1] *= keep
-        filled = flags[:, _FILLED].bool().view(-1, 1, 1, 1)
-        self.last_stack = torch.where(filled, new_stack, self.last_stack)
-        self.stack = new_stack
-
-    @torch.no_grad()
-    def _finish_rollout(self, gamma: float) -> None:
+    def _finish_rollout(self) -> None:
         _, last_values = policy_outputs(self.policy, self.last_stack)
         dev = self.device
         rewards = torch.from_numpy(self.rewards_host).to(dev) + \
@@ -348,30 +453,26 @@ class FastPPO:
         self.returns.copy_(returns)
 
     # --- update ----------------------------------------------------------------------------
-    def train(self, permutation: Callable[[int], np.ndarray] = np.random.permutation) -> None:
-        """One PPO update over the buffer: SB3's PPO.train without its per-minibatch syncs."""
+    def _update_body(self) -> None:
+        """PPO.train's epochs and minibatches over the buffer, in place, with no host sync.
+
+        Inputs on the device: the buffer, `_order` (one permutation per epoch), `_clip_range`
+        and Adam's learning rate; outputs: the policy's weights, Adam's state and `_stats`.
+        """
         model, policy = self.model, self.policy
-        policy.set_training_mode(True)
-        model._update_learning_rate(policy.optimizer)
-        clip_range = float(model.clip_range(model._current_progress_remaining))
-        if model.clip_range_vf is not None or model.target_kl is not None:
-            raise ValueError("FastPPO implements clip_range_vf=None and target_kl=None only")
         n, batch = self.size, int(model.batch_size)
-        # One permutation per epoch, drawn as SB3's RolloutBuffer.get draws them.
-        order = torch.from_numpy(np.stack([permutation(n) for _ in range(model.n_epochs)]))
-        order = order.to(self.device, non_blocking=True)
+        clip_range = self._clip_range
         obs, actions = self.obs[:n], self.actions[:n]
         old_log_probs, advantages_all, returns = self.log_probs[:n], self.advantages, self.returns
         pg_losses, value_losses, entropy_losses, clip_fractions = [], [], [], []
         approx_kls: list[torch.Tensor] = []
         loss = torch.zeros((), device=self.device)
-        parameters = list(policy.parameters())
-        self.adam.prepare()
+        parameters = self.adam.params
         for epoch in range(model.n_epochs):
             approx_kls = []
             for start in range(0, n, batch):
                 with torch.profiler.record_function("satrl::minibatch"):
-                    idx = order[epoch, start:start + batch]
+                    idx = self._order[epoch, start:start + batch]
                     all_log_probs, values = policy_outputs(policy, obs.index_select(0, idx))
                     b_actions = actions.index_select(0, idx)
                     log_prob = all_log_probs.gather(1, b_actions[:, None]).squeeze(1)
@@ -401,28 +502,45 @@ class FastPPO:
                     pg_losses.append(policy_loss.detach())
                     value_losses.append(value_loss.detach())
                     entropy_losses.append(entropy_loss.detach())
-                    policy.optimizer.zero_grad()
+                    for p in parameters:  # SB3's optimizer.zero_grad() (set_to_none)
+                        p.grad = None
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(parameters, model.max_grad_norm)
                     self.adam.step()
-            model._n_updates += 1
-        with torch.no_grad():  # every statistic in one device-to-host copy
+        with torch.no_grad():
             flat_values, flat_returns = self.values[:n], self.returns
             var_y = (flat_returns - flat_returns.mean()).square().mean()
             residual = flat_returns - flat_values
             explained = 1 - (residual - residual.mean()).square().mean() / var_y
-            stats = torch.stack([
+            self._stats.copy_(torch.stack([
                 torch.stack(entropy_losses).mean(), torch.stack(pg_losses).mean(),
                 torch.stack(value_losses).mean(), torch.stack(approx_kls).mean(),
                 torch.stack(clip_fractions).mean(), loss.detach(), explained, var_y,
-            ]).double().cpu().numpy()
+            ]))
+
+    def train(self, permutation: Callable[[int], np.ndarray] = np.random.permutation) -> None:
+        """One PPO update over the buffer: SB3's PPO.train without its per-minibatch syncs."""
+        model, policy = self.model, self.policy
+        policy.set_training_mode(True)
+        model._update_learning_rate(policy.optimizer)
+        clip_range = float(model.clip_range(model._current_progress_remaining))
+        n, batch = self.size, int(model.batch_size)
+        # One permutation per epoch, drawn as SB3's RolloutBuffer.get draws them.
+        order = np.stack([permutation(n) for _ in range(model.n_epochs)])
+        self._order.copy_(torch.from_numpy(order))
+        self._clip_range.fill_(clip_range)
+        self.adam.prepare()
+        self.adam.set_lr()
+        keep = [*self.adam.params, *self.adam.exp_avgs, *self.adam.exp_avg_sqs,
+                self.adam.step_count]
+        self._run("update", self._update_body, keep=keep)
+        minibatches = -(-n // batch)
+        self.adam.count_host_steps(model.n_epochs * minibatches)
+        model._n_updates += model.n_epochs
+        stats = self._stats.double().cpu().numpy()  # every statistic in one read-back
         record = model.logger.record
-        record("train/entropy_loss", float(stats[0]))
-        record("train/policy_gradient_loss", float(stats[1]))
-        record("train/value_loss", float(stats[2]))
-        record("train/approx_kl", float(stats[3]))
-        record("train/clip_fraction", float(stats[4]))
-        record("train/loss", float(stats[5]))
+        for name, value in zip(_STATS[:6], stats[:6], strict=True):
+            record(f"train/{name}", float(value))
         record("train/explained_variance", float(stats[6]) if stats[7] != 0 else math.nan)
         record("train/n_updates", model._n_updates, exclude="tensorboard")
         record("train/clip_range", clip_range)
