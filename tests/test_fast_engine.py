@@ -18,6 +18,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import LinearSchedule
 
+from agents.catalog import ATTENTION_TYPES
 from agents.extractor import policy_kwargs
 from agents.fast.ale_env import SpacesOnlyVecEnv
 from agents.fast.engine import FastPPO, compute_gae
@@ -39,11 +40,11 @@ def forbid_sb3_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(PPO, "collect_rollouts", refuse)
 
 
-def make_model(seed: int = 0) -> PPO:
+def make_model(seed: int = 0, attn: str = "NA") -> PPO:
     model = PPO("CnnPolicy", SpacesOnlyVecEnv(N_ENVS, OBS_SPACE, 4), n_steps=N_STEPS,
                 batch_size=BATCH, n_epochs=3, learning_rate=LinearSchedule(2.5e-4, 0.0, 1.0),
                 clip_range=LinearSchedule(0.1, 0.0, 1.0), ent_coef=0.01, vf_coef=1.0,
-                gamma=0.99, gae_lambda=0.95, max_grad_norm=0.5, policy_kwargs=policy_kwargs("NA"),
+                gamma=0.99, gae_lambda=0.95, max_grad_norm=0.5, policy_kwargs=policy_kwargs(attn),
                 seed=seed, device="cpu")
     model.set_logger(configure(None, []))
     return model
@@ -175,6 +176,20 @@ def test_two_updates_match_sb3_ppo_train(monkeypatch: pytest.MonkeyPatch) -> Non
     assert any(not torch.equal(before[k], v) for k, v in other.policy.state_dict().items())
 
 
+def updated_engine(model: PPO, monkeypatch: pytest.MonkeyPatch, seed: int) -> FastPPO:
+    """An engine on a crafted rollout after one update (so Adam's state is loaded), with SB3's
+    own loops made to raise."""
+    r = crafted_rollout(model, seed=seed)
+    forbid_sb3_loops(monkeypatch)
+    engine = FastPPO(model, source=None)
+    engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(),
+                        env_major(r["values"]), env_major(r["log_probs"]),
+                        torch.randn(N_ENVS * N_STEPS), torch.randn(N_ENVS * N_STEPS))
+    model._current_progress_remaining = 0.5
+    engine.train()
+    return engine
+
+
 def _sync_ops(prof: torch.profiler.profile) -> tuple[int, int, int]:
     """(host syncs inside minibatch ranges, host syncs in all, minibatch ranges)."""
     events = prof.events()
@@ -190,14 +205,7 @@ def test_no_host_sync_inside_the_minibatch_loop(monkeypatch: pytest.MonkeyPatch)
     minibatches (3 epochs x 128/32), and at most a handful per update (the Adam step counts of
     a loaded optimizer, read once, and the one read-back of the statistics)."""
     model = make_model()
-    r = crafted_rollout(model, seed=7)
-    forbid_sb3_loops(monkeypatch)
-    engine = FastPPO(model, source=None)
-    engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(),
-                        env_major(r["values"]), env_major(r["log_probs"]),
-                        torch.randn(N_ENVS * N_STEPS), torch.randn(N_ENVS * N_STEPS))
-    model._current_progress_remaining = 0.5
-    engine.train()  # a first update, so the second starts with a loaded Adam state
+    engine = updated_engine(model, monkeypatch, seed=7)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         engine.train()
     inside, total, minibatches = _sync_ops(prof)
@@ -301,19 +309,14 @@ def _all_syncs(prof: torch.profiler.profile) -> int:
     return sum(1 for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense"))
 
 
-def test_graph_bodies_read_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("attn", ATTENTION_TYPES)
+def test_graph_bodies_read_nothing_back(monkeypatch: pytest.MonkeyPatch, attn: str) -> None:
     """The bodies that CUDA graphs capture (per step: the policy's action and the recording of
     the transition; per update: every epoch and minibatch and the statistics) contain no
-    host sync at all: a capture would fail on one, and eagerly each would stall the GPU."""
-    model = make_model()
-    r = crafted_rollout(model, seed=9)
-    forbid_sb3_loops(monkeypatch)
-    engine = FastPPO(model, source=None)
-    engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(),
-                        env_major(r["values"]), env_major(r["log_probs"]),
-                        torch.randn(N_ENVS * N_STEPS), torch.randn(N_ENVS * N_STEPS))
-    model._current_progress_remaining = 0.5
-    engine.train()
+    host sync at all, with every attention type: a capture would fail on one, and eagerly
+    each would stall the GPU."""
+    model = make_model(attn=attn)
+    engine = updated_engine(model, monkeypatch, seed=9)
     engine.staged[:, engine._frame_bytes + 1] = 1  # record every env's transition at row 0
     engine.stack.random_(0, 256)
     stack = engine.stack.clone()
