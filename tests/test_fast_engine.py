@@ -21,7 +21,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from agents.catalog import ATTENTION_TYPES
 from agents.extractor import policy_kwargs
 from agents.fast.ale_env import SpacesOnlyVecEnv
-from agents.fast.engine import FastPPO, compute_gae
+from agents.fast.engine import FastPPO, compute_gae, policy_outputs
 
 N_ENVS, N_STEPS, BATCH = 2, 64, 32
 OBS_SPACE = spaces.Box(0, 255, (4, 84, 84), np.uint8)
@@ -336,3 +336,75 @@ def test_graph_bodies_read_nothing_back(monkeypatch: pytest.MonkeyPatch, attn: s
 def test_cuda_graphs_need_a_cuda_device() -> None:
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         FastPPO(make_model(), source=None, cuda_graphs=True)
+
+
+class EagerGraph:
+    """A CUDA graph's stand-in on the CPU: `replay` runs the captured body eagerly."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.body()
+
+
+def test_graph_capture_leaves_weights_optimizer_and_stacks_as_they_were(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph path's own logic, on the CPU with the capture replaced by EagerGraph:
+    the warm-up runs before each capture (real updates, real steps) are undone, so two updates
+    and three steps of the graph engine equal the eager engine's, bit for bit."""
+    forbid_sb3_loops(monkeypatch)
+    model, twin = make_model(seed=3), make_model(seed=4)
+    twin.policy.load_state_dict(model.policy.state_dict())
+    r = crafted_rollout(model, seed=5)
+    eager, graphs = FastPPO(model, source=None), FastPPO(twin, source=None)
+    graphs.cuda_graphs = True  # what a CUDA device allows; the capture is the stand-in's
+    monkeypatch.setattr(graphs, "_record", EagerGraph)
+    advantages, returns = torch.randn(N_ENVS * N_STEPS), torch.randn(N_ENVS * N_STEPS)
+    for engine in (eager, graphs):
+        engine.load_rollout(env_major(r["obs"]), env_major(r["actions"]).long(),
+                            env_major(r["values"]), env_major(r["log_probs"]), advantages,
+                            returns)
+        engine.model._current_progress_remaining = 0.6
+        for seed in (1, 2):
+            np.random.seed(seed)
+            engine.train()
+    for p_eager, p_graph in zip(model.policy.parameters(), twin.policy.parameters(), strict=True):
+        assert torch.equal(p_eager, p_graph)
+    for s_eager, s_graph in zip(model.policy.optimizer.state.values(),
+                                twin.policy.optimizer.state.values(), strict=True):
+        assert float(s_eager["step"]) == float(s_graph["step"]) == 2 * 3 * 4
+        assert torch.equal(s_eager["exp_avg_sq"], s_graph["exp_avg_sq"])
+    assert graphs._graphs["update"].replays == 2
+
+    rng = np.random.default_rng(6)
+    start = torch.from_numpy(rng.integers(0, 256, tuple(eager.stack.shape), dtype=np.uint8))
+    fb = eager._frame_bytes
+    for step in range(3):
+        staged = torch.from_numpy(rng.integers(0, 256, tuple(eager.staged.shape), np.uint8))
+        staged[:, fb:] = 0
+        staged[:, fb + 1] = 1  # record, at position `step`, one env's column freshly started
+        staged[:, fb + 2] = step
+        staged[0, fb] = 1
+        staged[1, fb + 5] = int(step == 2)
+        eager._act_body()
+        for engine in (eager, graphs):
+            if step == 0:
+                engine.stack.copy_(start)
+            engine.staged.copy_(staged)
+            for key in ("step_actions", "step_values", "step_log_probs"):
+                getattr(engine, key).copy_(getattr(eager, key))
+            engine._advance(bootstrap=False)
+        for key in ("stack", "last_stack", "obs", "actions", "values", "log_probs"):
+            assert torch.equal(getattr(eager, key)[: eager.size],
+                               getattr(graphs, key)[: eager.size]), (step, key)
+    assert graphs._graphs["advance"].replays == 3
+    assert not torch.equal(graphs.stack, start)  # not vacuous: the stacks did advance
+    graphs._act()
+    log_probs, values = policy_outputs(twin.policy, graphs.stack)
+    assert torch.allclose(graphs.step_values, values)
+    assert torch.allclose(graphs.step_log_probs,
+                          log_probs.gather(1, graphs.step_actions[:, None]).squeeze(1))
+    assert graphs._graphs["act"].replays == 1

@@ -5,7 +5,8 @@ GAE(lambda) with SB3's episode-start convention, per-minibatch advantage normali
 Bessel's correction, + 1e-8), the clipped surrogate, the value loss as MSE against the returns
 (no value clipping: clip_range_vf is None), the entropy bonus, gradient-norm clipping, the lr and
 clip schedules evaluated at `_current_progress_remaining`, and Adam (eps from the optimizer's own
-param group) — applied with torch's own foreach update, so results agree with torch.optim.Adam.
+param group) — applied with foreach updates whose bias corrections come from device scalars,
+so results agree with torch.optim.Adam to float rounding.
 The minibatch order comes from `np.random.permutation` once per epoch, as SB3's buffer draws it,
 so the same numpy RNG state gives SB3's exact order. The policy object, its optimizer and the
 step counters are the PPO model's own: `model.save` writes the usual SB3 zip.
@@ -13,11 +14,16 @@ step counters are the PPO model's own: `model.save` writes the usual SB3 zip.
 What is different is where the work happens:
 - the observations (frame stacks), the rollout buffer and GAE live on the device; per step one
   host-to-device copy (the new frames plus a few flag bytes, from pinned memory) and one
-  device-to-host copy (the sampled actions) — the step's only synchronisation;
+  device-to-host copy (the sampled actions) — the step's only synchronisation; the games are
+  stepped with ale-py's send/recv, and the host bookkeeping that needs no outcome runs while
+  they emulate;
 - actions are sampled with the Gumbel-max trick and log-probabilities/entropies computed from
   log-softmax directly, without torch.distributions' argument validation (a host sync);
 - the update keeps losses and statistics on the device and reads them once, after the last
-  minibatch; Adam's bias corrections use a host-side step count instead of `.item()`.
+  minibatch; Adam's step count and learning rate are device scalars, so nothing in a
+  minibatch reads a value back;
+- with the spec's `cuda_graphs`, the per-step work and the whole update are captured once as
+  CUDA graphs and replayed (see FastPPO).
 
 The engine drives the worker's SB3 callbacks through their public hooks (on_training_start,
 on_rollout_start, on_step, on_rollout_end, on_training_end) with `model.num_timesteps` advanced
@@ -194,8 +200,8 @@ class FastPPO:
     Every per-step and per-update computation on the device is a *body* that works in place on
     fixed buffers and never reads a value back to the host (`_act_body`, `_advance_body`,
     `_update_body`). Eagerly they are the engine; on CUDA with `cuda_graphs` each is captured
-    once in a CUDA graph and replayed, so a vector step costs two graph launches instead of
-    some sixty kernel launches, and an update one launch instead of a few thousand.
+    once in a CUDA graph and replayed: a vector step is two graph launches and an update one,
+    where eagerly every kernel is launched from Python.
 
     :param model: an SB3 PPO whose env is the source's stand-in (`source.stand_in()`).
     :param source: the training games; None for update-only use (tests, benchmarks).
@@ -316,23 +322,35 @@ class FastPPO:
         self.stack.copy_(new_stack)
 
     def _run(self, name: str, body: Callable[[], None], keep: list[torch.Tensor]) -> None:
-        """Run a body: eagerly, or as its CUDA graph (captured on first use)."""
-        if not self.cuda_graphs:
+        """Run a body: eagerly, or by replaying its CUDA graph (captured on first use)."""
+        if self.cuda_graphs:
+            self._graph(name, body, keep).replay()
+        else:
             body()
-            return
+
+    def _graph(self, name: str, body: Callable[[], None], keep: list[torch.Tensor]) -> Any:
+        """The CUDA graph of `body`, captured on first use after torch's recipe: warm-up runs
+        (on a side stream), then the capture.
+
+        The warm-up runs execute the body for real; `keep` lists the tensors they change that
+        must not change (weights, optimizer state, frame stacks): they are put back. A capture
+        changes nothing (its kernels are recorded, not run).
+        """
         graph = self._graphs.get(name)
         if graph is None:
-            graph = self._graphs[name] = self._capture(body, keep)
-        graph.replay()
+            saved = [t.clone() for t in keep]
+            self._warm_up(body)
+            with torch.no_grad():
+                for tensor, value in zip(keep, saved, strict=True):
+                    tensor.copy_(value)
+            graph = self._graphs[name] = self._record(body)
+        return graph
 
-    def _capture(self, body: Callable[[], None], keep: list[torch.Tensor]) -> Any:
-        """A CUDA graph of `body`, after torch's recipe: warm up on a side stream, then capture.
-
-        The warm-up runs execute the body for real; `keep` lists the tensors it changes that
-        must not change (weights, optimizer state, frame stacks): they are put back afterwards.
-        A capture changes nothing (its kernels are recorded, not run).
-        """
-        saved = [t.clone() for t in keep]
+    def _warm_up(self, body: Callable[[], None]) -> None:
+        if self.device.type != "cuda":  # eager-only stand-ins of graphs, in tests
+            for _ in range(_WARMUP_RUNS):
+                body()
+            return
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
@@ -340,12 +358,11 @@ class FastPPO:
             for _ in range(_WARMUP_RUNS):
                 body()
         current.wait_stream(side)
+
+    def _record(self, body: Callable[[], None]) -> Any:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             body()
-        with torch.no_grad():
-            for tensor, value in zip(keep, saved, strict=True):
-                tensor.copy_(value)
         return graph
 
     def _act(self) -> None:
@@ -355,14 +372,15 @@ class FastPPO:
         if bootstrap or not self.cuda_graphs:
             self._advance_body(bootstrap)
             return
+        keep = [self.stack, self.last_stack]
         if "advance" not in self._graphs:
-            # Warm-up runs must record nothing (flags zero: every row is the trash row) and
-            # leave the stacks as they are; the real flags go back in before the replay.
+            # Warm-up runs must record nothing (flags zero: every row is the trash row); the
+            # stacks they advance are put back, and so are the real flags before the replay.
             staged = self.staged.clone()
             self.staged.zero_()
-            self._run("advance", self._advance_body, keep=[self.stack, self.last_stack])
+            self._graph("advance", self._advance_body, keep)
             self.staged.copy_(staged)
-        self._run("advance", self._advance_body, keep=[self.stack, self.last_stack])
+        self._run("advance", self._advance_body, keep)
 
     def collect_rollout(self, callback: BaseCallback) -> bool:
         """One rollout of n_steps learner transitions per env; False if a callback stops it."""
