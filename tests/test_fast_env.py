@@ -135,6 +135,8 @@ def test_truncation_bootstraps_with_the_terminal_value() -> None:
     model.num_timesteps = 0
     assert engine.collect_rollout(Quiet())  # type: ignore[arg-type]
     assert any(b.any() for _, b, _ in seen)
+    # Every step counted; more than 64, since hidden FIRE steps after each game end lag an env.
+    assert engine.rollout_vector_steps == [len(seen)] and len(seen) > 64
     boot = engine.bootstrap[: engine.size].view(2, 64)
     flagged = boot != 0
     # Each truncated transition: its obs is the stack before the terminal frame.

@@ -269,6 +269,9 @@ class FastPPO:
         self._stats = torch.zeros(len(_STATS), dtype=torch.float32, device=dev)
         self._graphs: dict[str, Any] = {}  # body name -> torch.cuda.CUDAGraph
         self.timings: list[tuple[float, float]] = []  # (rollout s, update s) per iteration
+        # Vector steps per finished rollout: n_steps, plus the steps that envs whose column was
+        # full took while others caught up on hidden reset steps (emulated, not learned from).
+        self.rollout_vector_steps: list[int] = []
         self.episode_scores: list[float] = []
         self._started = False
 
@@ -434,6 +437,7 @@ class FastPPO:
             callback.update_locals({"new_obs": _LazyStack(self.stack)})
             if not callback.on_step():
                 return False
+        self.rollout_vector_steps.append(vector_steps)
         self._finish_rollout()
         callback.on_rollout_end()
         return True
