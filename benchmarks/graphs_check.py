@@ -8,7 +8,8 @@ tests/test_fast_engine.py. From one rollout of Breakout (paper settings, 16 envs
 2. advance: the same staged frames and flags recorded and stacked eagerly and by the graph,
    twice: buffers and frame stacks are identical;
 3. act: the graph's values and log-probabilities are the policy's own on the same stacks;
-4. cost: CUDA launches per vector step and per update (torch profiler: cudaLaunchKernel,
+4. profile: torch profiler tables of one whole rollout (games included), eager and graph;
+5. cost: CUDA launches per vector step and per update (torch profiler: cudaLaunchKernel,
    cudaGraphLaunch), host syncs inside the update's minibatches, seconds per update.
 
 Prints one line per check and PASS or FAIL; exit 1 on any failure.
@@ -161,12 +162,27 @@ def main(argv: list[str] | None = None) -> int:
           torch.allclose(values, graphs.step_values, atol=1e-5)
           and torch.allclose(chosen, graphs.step_log_probs, atol=1e-5))
 
+    # 4. where a rollout's time goes: torch profiler over one whole rollout, games included
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if not dry:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for name, use_graphs in (("eager", False), ("graph", not dry)):
+        engine = FastPPO(model, source, cuda_graphs=use_graphs)
+        callback = Nothing()
+        callback.init_callback(model)
+        engine.start(seed=0)
+        engine.collect_rollout(callback)  # warm-up (and the captures)
+        with torch.profiler.profile(activities=activities) as prof:
+            engine.collect_rollout(callback)
+            sync()
+        print(f"profile of one rollout, {name} (top 12 by self CPU time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if dry:
         source.close()
         print("graphs_check (CPU dry run):", "all passed" if not failures else f"FAILED {failures}")
         return 1 if failures else 0
 
-    # 4. cost
+    # 5. cost
     def one_step(engine: FastPPO) -> None:
         engine._act()
         engine._advance(bootstrap=False)
