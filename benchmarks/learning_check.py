@@ -1,5 +1,7 @@
 """The fast path's learning check: Breakout NA, 3 seeds x 1M agent steps, reference evaluation.
 
+`--engine sb3` runs the same check on the reference path, for comparison.
+
 Each seed is a real worker run (`python -m agents.train RUN_DIR`) with the paper's spec on the
 fast path (engine fast, env_backend ale_vector), evaluated by the reference protocol (AGENT.md:
 5 full games, stochastic actions, unclipped scores) at `--eval-every` steps. The check passes when
@@ -11,7 +13,8 @@ Run directories are kept under `--out`: a check stopped by `--deadline-s` (the w
 exit 75) or killed resumes from the newest checkpoint when started again with the same `--out`.
 
     python benchmarks/learning_check.py --out /tmp/learning [--device cpu] [--parallel 3]
-        [--seeds 0 1 10] [--steps 1000000] [--eval-every 500000] [--cuda-graphs]
+        [--seeds 0 1 10] [--steps 1000000] [--eval-every 500000] [--engine fast|sb3]
+        [--cuda-graphs]
         [--deadline-s 0]
 """
 
@@ -45,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=3, help="workers at a time")
     parser.add_argument("--torch-threads", type=int, default=0, help="per worker (0: default)")
     parser.add_argument("--ale-threads", type=int, default=0, help="per worker (0: one per env)")
+    parser.add_argument("--engine", default="fast", choices=("fast", "sb3"),
+                        help="fast: the fast path; sb3: the reference path (for comparison)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="the fast engine's CUDA graphs (spec field cuda_graphs)")
     parser.add_argument("--deadline-s", type=float, default=0.0,
@@ -56,7 +61,8 @@ def seed_spec(args: argparse.Namespace, seed: int) -> RunSpec:
     return PAPER.replace(
         game="Breakout", attn="NA", seed=seed, total_timesteps=args.steps,
         eval_every_steps=args.eval_every, checkpoint_every_steps=args.checkpoint_every,
-        obs_dump_every_steps=0, engine="fast", env_backend="ale_vector", device=args.device,
+        obs_dump_every_steps=0, engine=args.engine,
+        env_backend="ale_vector" if args.engine == "fast" else "subproc", device=args.device,
         torch_threads=args.torch_threads, cuda_graphs=args.cuda_graphs,
     )
 
