@@ -14,8 +14,7 @@ exit 75) or killed resumes from the newest checkpoint when started again with th
 
     python benchmarks/learning_check.py --out /tmp/learning [--device cpu] [--parallel 3]
         [--seeds 0 1 10] [--steps 1000000] [--eval-every 500000] [--engine fast|sb3]
-        [--cuda-graphs]
-        [--deadline-s 0]
+        [--cuda-graphs] [--deadline-s 0] [--more-episodes 30] [--summary-only]
 """
 
 from __future__ import annotations
@@ -52,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fast: the fast path; sb3: the reference path (for comparison)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="the fast engine's CUDA graphs (spec field cuda_graphs)")
+    parser.add_argument("--more-episodes", type=int, default=0,
+                        help="also evaluate each final checkpoint over this many full games "
+                        "(the 5-game evaluations are noisy; informational, not the check)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run no worker: summarise the run directories under --out")
     parser.add_argument("--deadline-s", type=float, default=0.0,
                         help="stop the workers (checkpoint, exit 75) this many seconds from now")
     return parser.parse_args(argv)
@@ -101,7 +105,8 @@ def summarise(args: argparse.Namespace, codes: dict[int, int]) -> bool:
         run_dir = args.out / f"seed{seed}"
         exit_info = json.loads((run_dir / "exit.json").read_text()) \
             if (run_dir / "exit.json").exists() else {}
-        print(f"seed {seed}: worker exit {codes.get(seed)} ({exit_info.get('reason')}) at "
+        code = codes.get(seed, "not run")
+        print(f"seed {seed}: worker exit {code} ({exit_info.get('reason')}) at "
               f"{exit_info.get('timesteps')} steps")
         npz = run_dir / "evaluations.npz"
         if not npz.exists():
@@ -125,13 +130,51 @@ def summarise(args: argparse.Namespace, codes: dict[int, int]) -> bool:
     return passed
 
 
+def evaluate_more(args: argparse.Namespace) -> None:
+    """Each seed's final checkpoint over --more-episodes full games, by the reference protocol."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    from agents.envs import EVAL_SEED_OFFSET, make_eval_env
+    from agents.rundir import checkpoint_path
+
+    torch.set_num_threads(max(args.torch_threads, 1))
+    means = []
+    for seed in args.seeds:
+        run_dir = args.out / f"seed{seed}"
+        path = checkpoint_path(run_dir, args.steps)
+        if not path.exists():
+            print(f"seed {seed}: no checkpoint at {args.steps} steps")
+            continue
+        spec = seed_spec(args, seed)
+        # Seeds apart from the worker's own evaluations (those use seed + offset + step).
+        env = make_eval_env(spec, None, seed=spec.seed + 2 * EVAL_SEED_OFFSET + args.steps)
+        model = PPO.load(path, device="cpu")
+        scores, _ = evaluate_policy(model, env, n_eval_episodes=args.more_episodes,
+                                    deterministic=spec.eval_deterministic,
+                                    return_episode_rewards=True)
+        env.close()
+        means.append(float(np.mean(scores)))
+        print(f"seed {seed}: {args.more_episodes} games at {args.steps} steps: mean "
+              f"{means[-1]:.2f} (standard error {np.std(scores) / np.sqrt(len(scores)):.2f})")
+    if means:
+        print(f"mean over {len(means)} seeds of {args.more_episodes}-game means: "
+              f"{np.mean(means):.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    codes = run_seeds(args)
-    print(f"workers done in {time.perf_counter() - start:.0f} s")
-    return 0 if summarise(args, codes) else 1
+    codes: dict[int, int] = {}
+    if not args.summary_only:
+        start = time.perf_counter()
+        codes = run_seeds(args)
+        print(f"workers done in {time.perf_counter() - start:.0f} s")
+    passed = summarise(args, codes)
+    if args.more_episodes:
+        evaluate_more(args)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
