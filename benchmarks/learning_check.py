@@ -20,7 +20,6 @@ exit 75) or killed resumes from the newest checkpoint when started again with th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.rundir import write_run_json
+from agents import rundir
 from agents.spec import PAPER, RunSpec
 
 PUBLISHED_RANGE = (11.0, 18.4)  # Breakout NA at 1M steps, min and max of the published seeds
@@ -85,8 +84,8 @@ def run_seeds(args: argparse.Namespace) -> dict[int, int]:
         while pending and len(running) < args.parallel:
             seed = pending.pop(0)
             run_dir = args.out / f"seed{seed}"
-            if not (run_dir / "run.json").exists():
-                write_run_json(run_dir, seed_spec(args, seed))
+            if not (run_dir / rundir.RUN_JSON).exists():
+                rundir.write_run_json(run_dir, seed_spec(args, seed))
             with (args.out / f"seed{seed}.log").open("ab") as log:
                 running[seed] = subprocess.Popen(
                     [sys.executable, "-m", "agents.train", str(run_dir)],
@@ -103,12 +102,12 @@ def summarise(args: argparse.Namespace, codes: dict[int, int]) -> bool:
     finals: dict[int, float] = {}
     for seed in args.seeds:
         run_dir = args.out / f"seed{seed}"
-        exit_info = json.loads((run_dir / "exit.json").read_text()) \
-            if (run_dir / "exit.json").exists() else {}
+        exit_path = run_dir / rundir.EXIT_JSON
+        exit_info = rundir.read_json(exit_path) if exit_path.exists() else {}
         code = codes.get(seed, "not run")
         print(f"seed {seed}: worker exit {code} ({exit_info.get('reason')}) at "
               f"{exit_info.get('timesteps')} steps")
-        npz = run_dir / "evaluations.npz"
+        npz = run_dir / rundir.EVALUATIONS_NPZ
         if not npz.exists():
             print("  no evaluations")
             continue
@@ -137,13 +136,12 @@ def evaluate_more(args: argparse.Namespace) -> None:
     from stable_baselines3.common.evaluation import evaluate_policy
 
     from agents.envs import EVAL_SEED_OFFSET, make_eval_env
-    from agents.rundir import checkpoint_path
 
     torch.set_num_threads(max(args.torch_threads, 1))
     means = []
     for seed in args.seeds:
         run_dir = args.out / f"seed{seed}"
-        path = checkpoint_path(run_dir, args.steps)
+        path = rundir.checkpoint_path(run_dir, args.steps)
         if not path.exists():
             print(f"seed {seed}: no checkpoint at {args.steps} steps")
             continue

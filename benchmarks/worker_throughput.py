@@ -39,7 +39,7 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 
-from agents.rundir import write_run_json
+from agents.rundir import METRICS_CSV, write_run_json
 from agents.spec import PAPER, RunSpec
 
 # SubprocVecEnv's forkserver workers re-import this module: they need ale-py's ids.
@@ -169,7 +169,7 @@ def run_worker(spec: RunSpec) -> dict[str, float]:
         wall_s = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        with (run_dir / "metrics.csv").open() as handle:
+        with (run_dir / METRICS_CSV).open() as handle:
             rows = list(csv.DictReader(handle))
     # Each row: the steps of one rollout + update over their wall time; sum the times.
     previous, learn_s = 0, 0.0
