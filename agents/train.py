@@ -245,7 +245,8 @@ class Worker:
                 message = f"trained {timesteps} of {self.spec.total_timesteps} steps"
             elif self.stop.reason is not None:
                 reason = self.stop.reason
-                message = f"{self.stop.message}; checkpoint at {timesteps} steps"
+                saved = f"checkpoint at {timesteps} steps" if timesteps else "no checkpoint yet"
+                message = f"{self.stop.message}; {saved}"
             else:  # learn() returned early without a stop request: should not happen
                 reason, message = "failed", f"training ended early at {timesteps} steps"
             code = EXIT_CODES[reason]
@@ -299,7 +300,12 @@ class Worker:
 
         history = EvaluationHistory(run_dir / rundir.EVALUATIONS_NPZ)
         metrics = MetricsTable(run_dir / rundir.METRICS_CSV)
-        dropped = (history.drop_after(step), metrics.drop_after(step), self._drop_dumps_after(step))
+        # A checkpoint below the budget is taken in on_step, before the update of the rollout
+        # that ends at its step (or at a stop, which skips that update): a metrics row at the
+        # checkpoint's own step describes an update the checkpoint does not hold.
+        kept_rows_until = step if step >= spec.total_timesteps else step - 1
+        dropped = (history.drop_after(step), metrics.drop_after(kept_rows_until),
+                   self._drop_dumps_after(step))
         print(f"satrl worker: {run_dir} attempt {self.attempt}: "
               + (f"resuming from step {step}" if resumed is not None else "starting from step 0")
               + (f"; dropped {dropped[0]} evaluations, {dropped[1]} metrics rows and "
@@ -337,6 +343,7 @@ class Worker:
                 StopCallback(self.stop, spec.total_timesteps),
             ])
             remaining = max(spec.total_timesteps - self.model.num_timesteps, 0)
+            updates_at_start = self.model._n_updates
             if self.stop.poll() is None:
                 # reset_num_timesteps=False: SB3 sets its total to num_timesteps + remaining =
                 # total_timesteps, so progress_remaining (lr, clip) continues across attempts.
@@ -351,6 +358,13 @@ class Worker:
                 else:
                     self.model.learn(remaining, callback=callbacks, log_interval=1,
                                      tb_log_name="PPO", reset_num_timesteps=False)
+            learned = self.model._n_updates > updates_at_start
+            if not learned and self.model.num_timesteps < spec.total_timesteps:
+                # Stopped before the first update (e.g. during a resumed run's catch-up
+                # evaluation): the weights are the loaded checkpoint's, so it stays the resume
+                # point. Saving them a few env steps later would move the schedule's events
+                # (that evaluation would be redone and stamped at the later step).
+                self.model.num_timesteps = step
             self.heartbeat.timesteps = self.model.num_timesteps
             if self.model.num_timesteps > step:
                 # Always, even where the schedule saved at this step already: a scheduled

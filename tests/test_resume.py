@@ -69,14 +69,15 @@ def _wait_for(condition: Callable[[], bool], process: subprocess.Popen[str],
         time.sleep(0.005)
 
 
-def _assert_finished_on_schedule(run_dir: Path, resumed_from: int) -> list[dict[str, str]]:
+def _assert_finished_on_schedule(run_dir: Path, resumed_from: int,
+                                 attempts_made: int = 2) -> list[dict[str, str]]:
     """The run ended at TOTAL with every scheduled evaluation once and the schedules continued."""
     exit_info = _json(run_dir / "exit.json")
     assert (exit_info["reason"], exit_info["exit_code"]) == ("done", 0)
-    assert exit_info["timesteps"] == TOTAL and exit_info["attempt"] == 2
+    assert exit_info["timesteps"] == TOTAL and exit_info["attempt"] == attempts_made
     attempts = _json(run_dir / "provenance.json")["attempts"]
-    assert [a["attempt"] for a in attempts] == [1, 2]
-    assert attempts[1]["resumed_from_step"] == resumed_from
+    assert [a["attempt"] for a in attempts] == list(range(1, attempts_made + 1))
+    assert attempts[-1]["resumed_from_step"] == resumed_from
 
     assert _eval_timesteps(run_dir) == SCHEDULED_EVALS
     with np.load(run_dir / "evaluations.npz") as data:
@@ -85,9 +86,9 @@ def _assert_finished_on_schedule(run_dir: Path, resumed_from: int) -> list[dict[
     rows = _metrics(run_dir)
     steps = [int(r["timesteps"]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] <= TOTAL
-    # Attempt 1's updates up to the checkpoint, then one per rollout counted from it.
-    assert [s for s in steps if s <= resumed_from] == list(range(ROLLOUT, resumed_from + 1,
-                                                                 ROLLOUT))
+    # Attempt 1's updates before the checkpoint (the update of a rollout ending at its step
+    # came after it, and is not in the weights resumed from), then one per rollout from it.
+    assert [s for s in steps if s <= resumed_from] == list(range(ROLLOUT, resumed_from, ROLLOUT))
     assert [s for s in steps if s > resumed_from] == list(
         range(resumed_from + ROLLOUT, TOTAL + 1, ROLLOUT))
     for row in rows:  # progress_remaining is relative to TOTAL in both attempts
@@ -148,6 +149,40 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path: Path) -> None:
     result = run_worker(run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_finished_on_schedule(run_dir, resumed_from=stopped_at)
+
+
+def test_stop_during_the_catch_up_evaluation_keeps_the_checkpoint_to_resume_from(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, SPEC)
+    # Attempt 1: SIGTERM during the evaluation due at 256. It is not recorded; the worker
+    # checkpoints at 256 itself, so that the next attempt evaluates those weights first.
+    process = start_worker(run_dir)
+    _wait_for(lambda: _json_or_empty(run_dir / "status.json").get("phase") == "evaluating",
+              process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert _json(run_dir / "exit.json")["timesteps"] == 256 and _eval_timesteps(run_dir) == []
+
+    # Attempt 2: SIGTERM during that catch-up evaluation, before any update. The weights are
+    # the checkpoint's, so it stays the resume point: no checkpoint a few env steps later.
+    process = start_worker(run_dir)
+    _wait_for(lambda: _json_or_empty(run_dir / "status.json").get("attempt") == 2
+              and _json_or_empty(run_dir / "status.json").get("phase") == "evaluating", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    exit_info = _json(run_dir / "exit.json")
+    assert (exit_info["reason"], exit_info["timesteps"]) == ("signal", 256)
+    assert exit_info["message"].endswith("checkpoint at 256 steps")
+    assert [s for s, _ in list_checkpoints(run_dir)] == [256]
+    assert verify_manifest(run_dir) == []
+
+    # Attempt 3 evaluates at 256, stamped 256, and finishes on schedule.
+    result = run_worker(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_finished_on_schedule(run_dir, resumed_from=256, attempts_made=3)
 
 
 def test_sigusr1_saves_and_exits_with_walltime(tmp_path: Path) -> None:
