@@ -40,7 +40,7 @@ from agents.spec import RunSpec, SpecError
 if TYPE_CHECKING:  # heavy imports happen after run.json has been validated
     from stable_baselines3 import PPO
 
-    from agents.callbacks import StatusHeartbeat, StopRequest
+    from agents.callbacks import MetricsTable, StatusHeartbeat, StopRequest
 
 #: Exit code of an invalid run.json (exit.json's reason is still `failed`).
 EXIT_INVALID_SPEC = 2
@@ -220,6 +220,7 @@ class Worker:
         self.model: PPO | None = None
         self.manifest = rundir.ManifestBuilder(run_dir)
         self.heartbeat: StatusHeartbeat | None = None
+        self.metrics: MetricsTable | None = None
         self.stop: StopRequest | None = None
 
     def run(self) -> int:
@@ -299,7 +300,7 @@ class Worker:
         self.heartbeat.timesteps = step
 
         history = EvaluationHistory(run_dir / rundir.EVALUATIONS_NPZ)
-        metrics = MetricsTable(run_dir / rundir.METRICS_CSV)
+        metrics = self.metrics = MetricsTable(run_dir / rundir.METRICS_CSV)
         # A checkpoint below the budget is taken in on_step, before the update of the rollout
         # that ends at its step (or at a stop, which skips that update): a metrics row at the
         # checkpoint's own step describes an update the checkpoint does not hold.
@@ -454,6 +455,8 @@ class Worker:
         """checkpoints/model_checkpoint_<steps>_steps.zip, then a fresh (non-final) manifest."""
         assert self.model is not None and self.heartbeat is not None
         self.heartbeat.set_phase("checkpointing")
+        if self.metrics is not None:  # the rows up to here, on disk before the checkpoint
+            self.metrics.sync()
         with rundir.atomic_writer(rundir.checkpoint_path(self.run_dir, steps)) as handle:
             self.model.save(handle)
         self.manifest.write(final=False)

@@ -80,10 +80,19 @@ def read_evaluations(path: Path) -> Evaluations:
                        lengths.astype(np.int64))
 
 
+def complete_lines(text: str) -> str:
+    """`text` up to its last newline: the lines an appending writer has finished."""
+    return text[: text.rfind("\n") + 1]
+
+
 def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
-    """(timestep, name, value) for every non-empty, finite cell of metrics.csv."""
+    """(timestep, name, value) for every non-empty, finite cell of metrics.csv.
+
+    The worker appends a row per update: an unterminated last line is a row being written (or
+    cut by a kill) and is left out, as the next attempt leaves it out.
+    """
     try:
-        text = path.read_text()
+        text = complete_lines(path.read_text())
     except UnicodeDecodeError:
         raise ContentError("metrics.csv is not text") from None
     reader = csv.reader(io.StringIO(text))
@@ -123,7 +132,7 @@ def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, st
     F / frame_skip x n_envs (summed over envs, like every step count of the study).
     """
     try:
-        lines = path.read_text().splitlines()
+        lines = complete_lines(path.read_text()).splitlines()
     except UnicodeDecodeError:
         raise ContentError(f"{path.name} is not text") from None
     rows = [line for line in lines if line and not line.startswith("#")]
