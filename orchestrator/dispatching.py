@@ -177,10 +177,34 @@ def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
         result = DispatchResult(backend, resources, planned, dry_run, recovered)
         if dry_run:
             return result
-        for batch in planned:
-            submit_batch(registry, scheduler, batch)
+        for index, batch in enumerate(planned):
+            try:
+                submit_batch(registry, scheduler, batch)
+            except SatrlError as error:
+                message = _partial_dispatch_message(error, planned[:index], planned[index + 1:])
+                if message is None:
+                    raise
+                raise SatrlError(message, exit_code=error.exit_code) from error
         result.batches = [b for b in planned if b.job_ids]
     return result
+
+
+def _partial_dispatch_message(error: SatrlError, before: list[PlannedBatch],
+                              after: list[PlannedBatch]) -> str | None:
+    """`error`'s message saying which batches went out before it (recorded, running) and that
+    later ones stay queued; None when none went out. A partial dispatch must not read as one
+    that did nothing."""
+    submitted = [b for b in before if b.job_ids]
+    if not submitted:
+        return None
+    runs = sum(len(b.runs) for b in submitted)
+    ids = ", ".join(b.job_ids[0] if len(b.job_ids) == 1 else f"{b.job_ids[0]} .. {b.job_ids[-1]}"
+                    for b in submitted)
+    waiting = sum(len(b.runs) for b in after)
+    return (f"{error} (before it, {len(submitted)} batch(es) were submitted and recorded: "
+            f"{runs} run(s) as {ids}"
+            + (f"; {waiting} run(s) of later batches stay queued" if waiting else "")
+            + "; `satrl dispatch` again submits what is still queued)")
 
 
 def check_config(settings: Any, scheduler: Scheduler) -> None:

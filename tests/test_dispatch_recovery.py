@@ -263,3 +263,36 @@ def test_bad_dispatch_settings_are_one_line_before_anything_is_claimed(
     assert set(_states(registry).values()) == {"queued"} and _jobs(registry) == {}
     assert len(run_ids) == 4
     registry.dispose()
+
+
+class AcceptsOnce(StandIn):
+    """Accepts the first batch (recorded with made-up ids), then refuses like StandIn."""
+
+    def __init__(self) -> None:
+        super().__init__({}, ["false"])
+        self.accepted: list[str] = []
+
+    def submit(self, batch: Batch) -> Submission:
+        if self.accepted:
+            return super().submit(batch)
+        self.accepted.append(batch.token)
+        return Submission(tuple(f"90_{i}" for i in range(len(batch.members))), "90")
+
+
+def test_a_dispatch_that_fails_after_a_submitted_batch_says_what_went_out(
+        workspace: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_ids = _queue_four(workspace, capsys)
+    configure(workspace, "", dispatch='backend = "slurm"\nmax_array = 2')
+    stand_in = AcceptsOnce()
+    monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
+    code, out, err = cli(capsys, "dispatch")
+    assert code == 4 and len(err.strip().splitlines()) == 1, err
+    assert "false failed with exit code 1" in err
+    assert "1 batch(es) were submitted and recorded: 2 run(s) as 90_0 .. 90_1" in err
+    registry = Registry(settings().database_url)
+    states = _states(registry)
+    assert [states[rid] for rid in run_ids] == ["submitted", "submitted", "queued", "queued"]
+    assert {rid: job for rid, (job, _) in _jobs(registry).items()} == {
+        run_ids[0]: "90_0", run_ids[1]: "90_1"}
+    registry.dispose()
