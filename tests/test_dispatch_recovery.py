@@ -171,6 +171,34 @@ def test_local_runner_that_does_not_announce_itself_is_killed_before_submit_fail
         os.kill(pid, 0)
 
 
+def test_a_local_runner_that_ended_is_reaped_by_the_next_poll(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from orchestrator.schedulers import local
+
+    # A stand-in interpreter that announces itself (runner.json) and exits at once.
+    python = tmp_path / "quick-python"
+    python.write_text(f'#!/bin/bash\necho $$ > {tmp_path}/pid\n'
+                      'echo "{}" > "${@: -1}/runner.json"\n')
+    python.chmod(0o755)
+    scheduler = local.LocalScheduler({}, tmp_path / "batches", str(python))
+    scheduler.submit(_batch([1], "satrl-dddddddddd", tmp_path))
+    pid = int((tmp_path / "pid").read_text())
+
+    def state() -> str:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2:].split()[0]
+
+    deadline = time.monotonic() + 10
+    while state() != "Z" and time.monotonic() < deadline:  # exited: a zombie until reaped
+        time.sleep(0.02)
+    assert state() == "Z"
+    scheduler.poll([])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_running_runs_whose_ids_were_never_recorded_are_recovered_or_lost_after_the_grace(
         workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,6 +34,18 @@ from orchestrator.schedulers.procs import is_alive, read_json, write_json_atomic
 _LOCAL_ID = re.compile(r"^(?P<token>[A-Za-z0-9_.-]+)\[(?P<index>\d+)\]$")
 #: Seconds `submit` waits for the runner to announce itself.
 RUNNER_START_TIMEOUT_S = 30.0
+#: Runners this process started and has not reaped yet. A short-lived `satrl dispatch` leaves
+#: them to init when it exits; a long `dispatch --wait` or `status --watch` reaps them as they
+#: end (`poll`), or each would stay a zombie until satrl exits.
+_STARTED_RUNNERS: list[subprocess.Popen[bytes]] = []
+
+
+def reap_runners() -> int:
+    """Collect the exit status of runners of this process that have ended; returns how many."""
+    ended = [process for process in _STARTED_RUNNERS if process.poll() is not None]
+    for process in ended:
+        _STARTED_RUNNERS.remove(process)
+    return len(ended)
 
 
 class LocalScheduler(Scheduler):
@@ -64,6 +76,7 @@ class LocalScheduler(Scheduler):
             process = subprocess.Popen(self.submit_command(batch), stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, close_fds=True)
+        _STARTED_RUNNERS.append(process)
         # Submitted means the runner is up (its record exists), like a scheduler's accept.
         deadline = time.monotonic() + RUNNER_START_TIMEOUT_S
         while not (batch.folder / "runner.json").exists():
@@ -121,6 +134,7 @@ class LocalScheduler(Scheduler):
         return None
 
     def poll(self, job_ids: Sequence[str]) -> PollResult:
+        reap_runners()
         result = PollResult()
         for job_id in job_ids:
             status = self.status(job_id)
