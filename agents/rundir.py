@@ -195,10 +195,14 @@ class ManifestBuilder:
         self._cache: dict[str, tuple[int, int, str]] = {}
 
     def entries(self) -> list[dict[str, Any]]:
-        """One entry per file of the contract, sorted by path."""
+        """One entry per file of the contract, sorted by path.
+
+        Symbolic links are left out: the worker writes none, the fetch refuses them, and a link
+        would put a file from outside the run directory under its name.
+        """
         entries = []
         for path in sorted(self.run_dir.rglob("*")):
-            if not path.is_file() or _TEMP_RE.match(path.name):
+            if path.is_symlink() or not path.is_file() or _TEMP_RE.match(path.name):
                 continue
             relative = path.relative_to(self.run_dir).as_posix()
             kind = file_kind(relative)

@@ -34,3 +34,14 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path: Path) -> None:
         os.umask(previous)
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
     assert target.read_bytes() == b"<html></html>"
+
+
+def test_the_manifest_leaves_symbolic_links_out(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_bytes(checkpoint_path(run_dir, 512), b"weights")
+    outside = tmp_path / "elsewhere.zip"
+    outside.write_bytes(b"not this run's")
+    checkpoint_path(run_dir, 1024).symlink_to(outside)
+    (run_dir / "metrics.csv").symlink_to(outside)
+    paths = [entry["path"] for entry in ManifestBuilder(run_dir).entries()]
+    assert paths == ["checkpoints/model_checkpoint_512_steps.zip"]
