@@ -216,8 +216,9 @@ def check_config(settings: Any, scheduler: Scheduler) -> None:
     config_number(table, "max_attempts", DEFAULT_MAX_ATTEMPTS, source, minimum=1)
     config_number(table, "lost_grace_s", DEFAULT_LOST_GRACE_S, source, kind=float)
     _ = scheduler.poll_interval_s
-    if hasattr(scheduler, "max_parallel"):
-        _ = scheduler.max_parallel
+    for knob in ("max_parallel", "kill_wait_s"):  # the local backend's own numbers
+        if hasattr(scheduler, knob):
+            getattr(scheduler, knob)
 
 
 def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,

@@ -28,7 +28,12 @@ from orchestrator.schedulers.base import (
     Submission,
     config_number,
 )
-from orchestrator.schedulers.local_runner import TICK_S, cancel_path, member_path
+from orchestrator.schedulers.local_runner import (
+    DEFAULT_KILL_WAIT_S,
+    TICK_S,
+    cancel_path,
+    member_path,
+)
 from orchestrator.schedulers.procs import is_alive, read_json, write_json_atomic
 
 _LOCAL_ID = re.compile(r"^(?P<token>[A-Za-z0-9_.-]+)\[(?P<index>\d+)\]$")
@@ -64,6 +69,11 @@ class LocalScheduler(Scheduler):
         return int(config_number(self.config, "max_parallel", 1, "satrl.toml [local]",
                                  minimum=1))
 
+    @property
+    def kill_wait_s(self) -> float:
+        return float(config_number(self.config, "kill_wait_s", DEFAULT_KILL_WAIT_S,
+                                   "satrl.toml [local]", kind=float, minimum=0))
+
     def submit_command(self, batch: Batch) -> list[str]:
         return [self.python, "-m", "orchestrator.schedulers.local_runner", str(batch.folder)]
 
@@ -71,6 +81,7 @@ class LocalScheduler(Scheduler):
         self.write_script(batch)
         write_json_atomic(batch.folder / "batch.json", {
             "token": batch.token, "count": len(batch.members), "max_parallel": self.max_parallel,
+            "walltime_s": batch.resources.walltime_s, "kill_wait_s": self.kill_wait_s,
         })
         with (batch.folder / "runner.log").open("ab") as log:
             process = subprocess.Popen(self.submit_command(batch), stdin=subprocess.DEVNULL,
@@ -124,6 +135,8 @@ class LocalScheduler(Scheduler):
         if code is not None:
             if record.get("cancelled"):
                 state, raw = JobState.CANCELLED, "cancelled"
+            elif record.get("timed_out"):
+                state, raw = JobState.TIMEOUT, "timeout"
             else:
                 state = JobState.COMPLETED if code == 0 else JobState.FAILED
                 raw = "completed" if code == 0 else "failed"

@@ -6,10 +6,16 @@ per member, `SATRL_ARRAY_INDEX` set, at most `max_parallel` at once. Each member
 after; a marker `cancel/<index>` (written by `satrl cancel`) keeps a member from starting. The
 runner's own pid and start time are in `runner.json`. Each worker leads its own process group, as
 a batch job does, so a cancel signals the worker and its environment processes together.
+
+With a walltime (batch.json's `walltime_s` > 0) the runner ends a member the way Slurm ends a job
+at its time limit: SIGTERM to its process group when the walltime is up, SIGKILL `kill_wait_s`
+later if it is still there, and `timed_out` in its record. The worker normally stops first, on
+SATRL_DEADLINE minus its margin; this is for one that hangs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +27,8 @@ from orchestrator.schedulers.procs import read_json, start_ticks, write_json_ato
 
 #: Seconds between two looks at the running members.
 TICK_S = 0.2
+#: Seconds between SIGTERM and SIGKILL at the walltime (Slurm's KillWait default).
+DEFAULT_KILL_WAIT_S = 30.0
 
 
 def member_path(folder: Path, index: int) -> Path:
@@ -37,6 +45,8 @@ def run_batch(folder: Path) -> int:
         print(f"local runner: {folder}/batch.json is missing or unreadable", file=sys.stderr)
         return 2
     count, max_parallel = int(batch["count"]), max(1, int(batch["max_parallel"]))
+    walltime_s = float(batch.get("walltime_s", 0))
+    kill_wait_s = float(batch.get("kill_wait_s", DEFAULT_KILL_WAIT_S))
     script = str(folder / "job.sh")
     (folder / "members").mkdir(exist_ok=True)
     (folder / "cancel").mkdir(exist_ok=True)
@@ -58,6 +68,8 @@ def run_batch(folder: Path) -> int:
         for index, process in list(running.items()):
             code = process.poll()
             if code is None:
+                if walltime_s > 0:
+                    _enforce_walltime(folder, index, process, walltime_s, kill_wait_s)
                 continue
             record = read_json(member_path(folder, index)) or {"index": index}
             # A negative return code is a signal; report it like a shell would (128 + n).
@@ -66,6 +78,27 @@ def run_batch(folder: Path) -> int:
             write_json_atomic(member_path(folder, index), record)
             del running[index]
     return 0
+
+
+def _enforce_walltime(folder: Path, index: int, process: subprocess.Popen[bytes],
+                      walltime_s: float, kill_wait_s: float) -> None:
+    """SIGTERM a member's process group at its walltime, SIGKILL it kill_wait_s later."""
+    record = read_json(member_path(folder, index)) or {"index": index}
+    now = time.time()
+    started_at = float(record.get("started_at", now))
+    if now - started_at < walltime_s:
+        return
+    if not record.get("timed_out"):
+        record.update(timed_out=True, terminated_at=now)
+        write_json_atomic(member_path(folder, index), record)
+        _signal_group(process.pid, signal.SIGTERM)
+    elif now - float(record.get("terminated_at", now)) >= kill_wait_s:
+        _signal_group(process.pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+        os.killpg(pid, signum)
 
 
 def _start(folder: Path, script: str, index: int) -> subprocess.Popen[bytes]:
