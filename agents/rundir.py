@@ -39,6 +39,8 @@ OBSERVATIONS_DIR = "observations"
 MONITOR_DIR = "monitor"
 TB_DIR = "tb"
 LOGS_DIR = "logs"
+#: Held (flock) by the worker training in the directory; not part of the contract's files.
+WORKER_LOCK = ".worker.lock"
 
 _CHECKPOINT_RE = re.compile(r"^model_checkpoint_(\d+)_steps\.zip$")
 _OBSERVATION_RE = re.compile(r"^obs_(\d+)_(\d+)\.npy$")

@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # heavy imports happen after run.json has been validated
 
 #: Exit code of an invalid run.json (exit.json's reason is still `failed`).
 EXIT_INVALID_SPEC = 2
+#: Exit code when another worker trains in the same run directory: nothing is touched.
+EXIT_BUSY = 3
 #: run.json is a few kB; refuse to parse anything larger than this.
 MAX_RUN_JSON_BYTES = 1 << 20
 #: Packages recorded in provenance.json (distribution names).
@@ -56,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Train one satrl run in RUN_DIR from its run.json, resuming from its newest "
                     "checkpoint. Writes status.json, metrics.csv, evaluations.npz, checkpoints/, "
                     "observations/, monitor/, tb/, provenance.json, manifest.json and, last, "
-                    "exit.json. Exit codes: 0 done, 1 failed, 2 invalid run.json, 75 walltime "
-                    "(SIGUSR1 or SATRL_DEADLINE), 143 signal (SIGTERM).",
+                    "exit.json. Exit codes: 0 done, 1 failed, 2 invalid run.json, 3 another worker "
+                    "trains in RUN_DIR (nothing touched), 75 walltime (SIGUSR1 or "
+                    "SATRL_DEADLINE), 143 signal (SIGTERM).",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
                         help="run directory holding run.json (written by the orchestrator)")
@@ -77,7 +80,49 @@ def main(argv: list[str] | None = None) -> int:
     if is_finished(run_dir, spec):
         print(f"{run_dir}: finished already at {spec.total_timesteps} steps; nothing to do")
         return 0
-    return Worker(run_dir, spec).run()
+    lock = lock_run_dir(run_dir)
+    if isinstance(lock, str):
+        _error_line(f"another worker ({lock}) is training in {run_dir}; this one exits "
+                    "without touching it")
+        return EXIT_BUSY
+    try:
+        return Worker(run_dir, spec).run()
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases it (the kernel does too, however the process ends)
+
+
+def lock_run_dir(run_dir: Path) -> int | str | None:
+    """Take RUN_DIR's worker lock: its open descriptor (close it to release), or who holds it.
+
+    Two workers in one directory (a job requeued while its first attempt still runs) would
+    write the same checkpoints and logs over each other. The lock is flock(2) on
+    RUN_DIR/.worker.lock, released by the kernel when the process ends, however it ends. A
+    filesystem without flock (ENOLCK, EOPNOTSUPP) gets a warning and no lock (None).
+    """
+    import fcntl
+
+    path = run_dir / rundir.WORKER_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:  # the worker's own writes will say what is wrong
+        print(f"satrl worker: warning: cannot open {path}: {error.strerror}", file=sys.stderr,
+              flush=True)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return holder
+    except OSError as error:
+        print(f"satrl worker: warning: {path.parent} cannot be locked ({error.strerror}); "
+              "another worker in it would not be noticed", file=sys.stderr, flush=True)
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
 
 
 def read_spec(run_dir: Path) -> RunSpec:

@@ -185,6 +185,30 @@ def test_stop_during_the_catch_up_evaluation_keeps_the_checkpoint_to_resume_from
     _assert_finished_on_schedule(run_dir, resumed_from=256, attempts_made=3)
 
 
+def test_a_second_worker_in_the_same_run_directory_exits_without_touching_it(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, SPEC.replace(eval_every_steps=TOTAL))
+    first = start_worker(run_dir)
+    _wait_for(lambda: _json_or_empty(run_dir / "status.json").get("timesteps", 0) >= 128, first)
+    status_before = (run_dir / "status.json").read_text()
+    second = run_worker(run_dir)
+    assert second.returncode == 3, second.stderr[-3000:]
+    assert f"another worker (pid {first.pid} on " in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert not (run_dir / "exit.json").exists()
+    status = _json(run_dir / "status.json")  # still the first worker's, attempt 1
+    assert status["pid"] == first.pid and status["attempt"] == 1, status_before
+    assert [a["attempt"] for a in _json(run_dir / "provenance.json")["attempts"]] == [1]
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-3000:]
+    # The lock went with the first worker: the next one resumes.
+    result = run_worker(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _json(run_dir / "exit.json")["attempt"] == 2
+
+
 def test_sigusr1_saves_and_exits_with_walltime(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     write_run_json(run_dir, SPEC.replace(eval_every_steps=TOTAL))

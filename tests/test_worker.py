@@ -64,8 +64,9 @@ def test_run_dir_is_complete_and_its_manifest_matches(trained_runs: dict[str, Pa
     assert manifest["final"] is True
     assert verify_manifest(run_dir) == []
     listed = {entry["path"] for entry in manifest["files"]}
-    # The final manifest covers every file but itself and exit.json (logs/ is the job's).
-    assert listed == _all_files(run_dir) - {"manifest.json", "exit.json"}
+    # The final manifest covers every file but itself, exit.json and the worker's lock (logs/
+    # is the job's).
+    assert listed == _all_files(run_dir) - {"manifest.json", "exit.json", ".worker.lock"}
     for entry in manifest["files"]:
         assert entry["kind"] == file_kind(entry["path"]) is not None
     steps = {e["path"]: e["step"] for e in manifest["files"]}
