@@ -324,3 +324,47 @@ def test_a_dispatch_that_fails_after_a_submitted_batch_says_what_went_out(
     assert {rid: job for rid, (job, _) in _jobs(registry).items()} == {
         run_ids[0]: "90_0", run_ids[1]: "90_1"}
     registry.dispose()
+
+
+def test_a_round_judging_an_attempt_replaced_meanwhile_writes_nothing_for_it(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from orchestrator import reconcile
+
+    run_id = _queue_four(workspace, capsys)[0]
+    registry = Registry(settings().database_url)
+    first = _batch([run_id], "satrl-1111111111", tmp_path)
+    assert dispatching.claim_runs(registry, "slurm", first) == {run_id}
+    dispatching.record_submission(registry, first.token, {0: "5"}, None)
+    # The first attempt failed: its exit.json says so.
+    run_dir = first.members[0].run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "exit.json").write_text(json.dumps(
+        {"reason": "failed", "exit_code": 1, "message": "boom", "ended_at": 1.0}))
+    monkeypatch.setattr(reconcile, "_poll", lambda *args, **kwargs: {})
+    real_read_files = reconcile.read_files
+
+    def read_then_race(*args: object) -> object:
+        # This round has read the run (submitted, job 5) and now reads exit.json. Meanwhile
+        # another process judged the run failed, requeued it and dispatched it again (job 6):
+        # it is "submitted" once more, under a newer job.
+        view = real_read_files(*args)
+        with registry.write() as session:
+            session.execute(update(Run).where(Run.id == run_id).values(state="queued"))
+        second = _batch([run_id], "satrl-2222222222", tmp_path)
+        assert dispatching.claim_runs(registry, "slurm", second) == {run_id}
+        dispatching.record_submission(registry, second.token, {0: "6"}, None)
+        return view
+
+    monkeypatch.setattr(reconcile, "read_files", read_then_race)
+    result = reconcile.reconcile(registry, settings(), force=True)
+    # The round's verdict (failed, from the first attempt's exit.json) is not written over the
+    # second attempt, although the run is in the state the round read.
+    assert result.transitions == []
+    assert _states(registry)[run_id] == "submitted"
+    with registry.session() as session:
+        reasons = dict(session.execute(select(Job.job_id, Job.reason)).all())
+    assert reasons == {"5": None, "6": None}
+    registry.dispose()
