@@ -83,13 +83,16 @@ def test_remote_symlink_to_a_system_file_with_matching_checksum_is_refused(
     rundir.checkpoint_path(run_dir, 1024).symlink_to(system_file)
     (run_dir / "observations").rename(tmp_path / "elsewhere")
     (run_dir / "observations").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    # The worker's own manifest builder follows the file link: it vouches for the system file.
+    # The worker's manifest builder leaves links out; a hostile (or an older worker's) manifest
+    # vouches for the system file behind the checkpoint's name ...
     rundir.ManifestBuilder(run_dir).write(final=True)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    vouched = {f["path"]: f for f in manifest["files"]}
-    assert vouched["checkpoints/model_checkpoint_1024_steps.zip"]["sha256"] == \
-        rundir.sha256_file(system_file)
-    # A hostile manifest also vouches for the files behind the linked folder.
+    assert "checkpoints/model_checkpoint_1024_steps.zip" not in {
+        f["path"] for f in manifest["files"]}
+    manifest["files"].append({"path": "checkpoints/model_checkpoint_1024_steps.zip",
+                              "kind": "checkpoint", "size": system_file.stat().st_size,
+                              "step": 1024, "sha256": rundir.sha256_file(system_file)})
+    # ... and for the files behind the linked folder.
     for k in range(2):
         outside = tmp_path / "elsewhere" / f"obs_512_{k}.npy"
         manifest["files"].append({"path": f"observations/obs_512_{k}.npy", "kind": "observation",
