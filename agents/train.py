@@ -409,8 +409,9 @@ class Worker:
                 # Stopped before the first update (e.g. during a resumed run's catch-up
                 # evaluation): the weights are the loaded checkpoint's, so it stays the resume
                 # point. Saving them a few env steps later would move the schedule's events
-                # (that evaluation would be redone and stamped at the later step).
-                self.model.num_timesteps = step
+                # (that evaluation would be redone and stamped at the later step). A scheduled
+                # checkpoint taken meanwhile holds the same weights: the newest is the point.
+                self.model.num_timesteps = max(step, _newest_checkpoint_step(run_dir))
             self.heartbeat.timesteps = self.model.num_timesteps
             if self.model.num_timesteps > step:
                 # Always, even where the schedule saved at this step already: a scheduled
