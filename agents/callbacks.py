@@ -406,9 +406,10 @@ class MetricsTable:
         self._rewrite = False  # the file on disk is not exactly header + self.rows
         if path.exists():
             text = path.read_text()
-            complete, _, partial = text.rpartition("\n")
-            self._rewrite = bool(partial) or not text.startswith(",".join(METRIC_COLUMNS) + "\n")
-            self.rows = [row for row in csv.DictReader(io.StringIO(complete + "\n"))
+            complete = rundir.complete_lines(text)
+            self._rewrite = complete != text or not complete.startswith(
+                ",".join(METRIC_COLUMNS) + "\n")
+            self.rows = [row for row in csv.DictReader(io.StringIO(complete))
                          if row.get("timesteps")]
 
     def append(self, row: dict[str, float]) -> None:

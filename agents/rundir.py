@@ -94,6 +94,12 @@ def write_json(path: Path, body: dict[str, Any]) -> None:
     write_bytes(path, (json.dumps(content, indent=2) + "\n").encode())
 
 
+def complete_lines(text: str) -> str:
+    """`text` up to its last newline: the lines an appending writer (metrics.csv, a monitor
+    CSV) has finished; an unterminated last line is one being written, or cut by a kill."""
+    return text[: text.rfind("\n") + 1]
+
+
 def read_json(path: Path) -> Any:
     """The parsed content of a JSON file, or None if it is missing or unreadable."""
     try:

@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from agents.rundir import complete_lines
 from orchestrator.registry.models import Artifact, Evaluation, Job, Metric, utcnow
 
 #: Metric names of the training monitor's episodes (raw game score, frames of the full game).
@@ -78,11 +79,6 @@ def read_evaluations(path: Path) -> Evaluations:
         raise ContentError("evaluations.npz: results hold NaN or infinite scores")
     return Evaluations(timesteps.astype(np.int64), results.astype(np.float64),
                        lengths.astype(np.int64))
-
-
-def complete_lines(text: str) -> str:
-    """`text` up to its last newline: the lines an appending writer has finished."""
-    return text[: text.rfind("\n") + 1]
 
 
 def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
