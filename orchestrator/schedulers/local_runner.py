@@ -56,6 +56,8 @@ def run_batch(folder: Path) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pending = list(range(count))
     running: dict[int, subprocess.Popen[bytes]] = {}
+    started_at: dict[int, float] = {}
+    terminated_at: dict[int, float] = {}  # members sent SIGTERM at their walltime
     while pending or running:
         while pending and len(running) < max_parallel:
             index = pending.pop(0)
@@ -64,12 +66,20 @@ def run_batch(folder: Path) -> int:
                                   {"index": index, "cancelled": True, "ended_at": time.time()})
                 continue
             running[index] = _start(folder, script, index)
+            started_at[index] = time.time()
         time.sleep(TICK_S)
         for index, process in list(running.items()):
             code = process.poll()
             if code is None:
-                if walltime_s > 0:
-                    _enforce_walltime(folder, index, process, walltime_s, kill_wait_s)
+                now = time.time()
+                if walltime_s <= 0 or now - started_at[index] < walltime_s:
+                    continue
+                if index not in terminated_at:
+                    terminated_at[index] = now
+                    _mark_timed_out(folder, index)
+                    _signal_group(process.pid, signal.SIGTERM)
+                elif now - terminated_at[index] >= kill_wait_s:
+                    _signal_group(process.pid, signal.SIGKILL)
                 continue
             record = read_json(member_path(folder, index)) or {"index": index}
             # A negative return code is a signal; report it like a shell would (128 + n).
@@ -80,20 +90,10 @@ def run_batch(folder: Path) -> int:
     return 0
 
 
-def _enforce_walltime(folder: Path, index: int, process: subprocess.Popen[bytes],
-                      walltime_s: float, kill_wait_s: float) -> None:
-    """SIGTERM a member's process group at its walltime, SIGKILL it kill_wait_s later."""
+def _mark_timed_out(folder: Path, index: int) -> None:
     record = read_json(member_path(folder, index)) or {"index": index}
-    now = time.time()
-    started_at = float(record.get("started_at", now))
-    if now - started_at < walltime_s:
-        return
-    if not record.get("timed_out"):
-        record.update(timed_out=True, terminated_at=now)
-        write_json_atomic(member_path(folder, index), record)
-        _signal_group(process.pid, signal.SIGTERM)
-    elif now - float(record.get("terminated_at", now)) >= kill_wait_s:
-        _signal_group(process.pid, signal.SIGKILL)
+    record["timed_out"] = True
+    write_json_atomic(member_path(folder, index), record)
 
 
 def _signal_group(pid: int, signum: int) -> None:
