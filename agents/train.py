@@ -52,6 +52,34 @@ MAX_RUN_JSON_BYTES = 1 << 20
 PROVENANCE_PACKAGES = ("satrl", "torch", "stable-baselines3", "gymnasium", "ale-py", "numpy")
 
 
+def new_ppo(spec: RunSpec, env: Any, tensorboard_log: Path | None = None) -> PPO:
+    """A fresh PPO for `spec` on `env`: the paper's hyper-parameters and the spec's attention.
+
+    The one place a model is built, so the worker, the fast engine's tests and the benchmarks
+    train the same agent (schedules included).
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.utils import ConstantSchedule, LinearSchedule
+
+    from agents.extractor import policy_kwargs
+
+    def schedule(start: float, kind: str) -> Any:
+        return LinearSchedule(start, 0.0, 1.0) if kind == "linear" else ConstantSchedule(start)
+
+    return PPO(
+        "CnnPolicy", env,
+        learning_rate=schedule(spec.learning_rate, spec.lr_schedule),
+        n_steps=spec.n_steps, batch_size=spec.batch_size, n_epochs=spec.n_epochs,
+        gamma=spec.gamma, gae_lambda=spec.gae_lambda,
+        clip_range=schedule(spec.clip_range, spec.clip_schedule),
+        normalize_advantage=spec.normalize_advantage, ent_coef=spec.ent_coef,
+        vf_coef=spec.vf_coef, max_grad_norm=spec.max_grad_norm,
+        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
+        policy_kwargs=policy_kwargs(spec.attn), seed=spec.seed, device=spec.device,
+        verbose=0,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m agents.train",
@@ -374,7 +402,8 @@ class Worker:
                                  append_monitor=True)
         try:
             if self.model is None:
-                self.model = self._new_model(train_env)
+                self.model = new_ppo(self.spec, train_env,
+                                     tensorboard_log=self.run_dir / rundir.TB_DIR)
             else:
                 self.model.set_env(train_env)
                 self.model.set_random_seed(seed)
@@ -427,30 +456,6 @@ class Worker:
             eval_env.close()
             if source is not None:
                 source.close()
-
-    def _new_model(self, train_env: Any) -> PPO:
-        from stable_baselines3 import PPO
-        from stable_baselines3.common.utils import ConstantSchedule, LinearSchedule
-
-        from agents.extractor import policy_kwargs
-
-        spec = self.spec
-
-        def schedule(start: float, kind: str) -> Any:
-            return LinearSchedule(start, 0.0, 1.0) if kind == "linear" else ConstantSchedule(start)
-
-        return PPO(
-            "CnnPolicy", train_env,
-            learning_rate=schedule(spec.learning_rate, spec.lr_schedule),
-            n_steps=spec.n_steps, batch_size=spec.batch_size, n_epochs=spec.n_epochs,
-            gamma=spec.gamma, gae_lambda=spec.gae_lambda,
-            clip_range=schedule(spec.clip_range, spec.clip_schedule),
-            normalize_advantage=spec.normalize_advantage, ent_coef=spec.ent_coef,
-            vf_coef=spec.vf_coef, max_grad_norm=spec.max_grad_norm,
-            tensorboard_log=str(self.run_dir / rundir.TB_DIR),
-            policy_kwargs=policy_kwargs(spec.attn), seed=spec.seed, device=spec.device,
-            verbose=0,
-        )
 
     def _load_newest_checkpoint(self) -> PPO | None:
         """The newest checkpoint that loads; truncated or corrupt zips are deleted, warned about.

@@ -33,7 +33,7 @@ from stable_baselines3.common.logger import configure
 from agents.fast.ale_env import AtariVectorSource
 from agents.fast.engine import FastPPO, policy_outputs
 from agents.spec import PAPER
-from benchmarks.worker_throughput import build_model
+from agents.train import new_ppo
 
 failures: list[str] = []
 
@@ -51,7 +51,7 @@ class Nothing(BaseCallback):
 
 def twin(model: Any, spec: Any, env: Any) -> Any:
     """A second PPO with the same weights and optimizer state (copied, not shared)."""
-    other = build_model(spec, env)
+    other = new_ppo(spec, env)
     other.policy.load_state_dict(model.policy.state_dict())
     other.policy.optimizer.load_state_dict(copy.deepcopy(model.policy.optimizer.state_dict()))
     other.set_logger(configure(None, []))
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = PAPER.replace(game=args.game, attn=args.attn, engine="fast",
                          env_backend="ale_vector", device="cpu" if dry else "cuda")
     source = AtariVectorSource(spec)
-    model = build_model(spec, source.stand_in())
+    model = new_ppo(spec, source.stand_in())
     eager = FastPPO(model, source, cuda_graphs=False)
     eager.learn(2 * spec.rollout_size, callback=Nothing())  # a real rollout in the buffer
     n = eager.size

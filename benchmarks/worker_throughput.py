@@ -41,6 +41,7 @@ import numpy as np
 
 from agents.rundir import METRICS_CSV, write_run_json
 from agents.spec import PAPER, RunSpec
+from agents.train import new_ppo
 
 # SubprocVecEnv's forkserver workers re-import this module: they need ale-py's ids.
 gym.register_envs(ale_py)
@@ -61,22 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="agent steps per worker run (--worker)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     return parser.parse_args(argv)
-
-
-def build_model(spec: RunSpec, env: Any) -> Any:
-    """The worker's PPO (agents.train) for `spec` on `env`, without its run directory."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.utils import LinearSchedule
-
-    from agents.extractor import policy_kwargs
-
-    return PPO("CnnPolicy", env, learning_rate=LinearSchedule(spec.learning_rate, 0.0, 1.0),
-               n_steps=spec.n_steps, batch_size=spec.batch_size, n_epochs=spec.n_epochs,
-               gamma=spec.gamma, gae_lambda=spec.gae_lambda,
-               clip_range=LinearSchedule(spec.clip_range, 0.0, 1.0), ent_coef=spec.ent_coef,
-               vf_coef=spec.vf_coef, max_grad_norm=spec.max_grad_norm,
-               policy_kwargs=policy_kwargs(spec.attn), seed=spec.seed, device=spec.device,
-               verbose=0)
 
 
 # --- the training loops, rollout and update apart -------------------------------------------
@@ -105,7 +90,7 @@ def loop_reference(spec: RunSpec, steps: int) -> list[tuple[float, float]]:
 
     env = make_train_env(spec.replace(env_backend="subproc"), None, seed=spec.seed)
     try:
-        model = build_model(spec, env)
+        model = new_ppo(spec, env)
         split = Split()
         model.learn(steps, callback=split)
     finally:
@@ -128,7 +113,7 @@ def loop_fast(spec: RunSpec, steps: int, cuda_graphs: bool = False) -> list[tupl
 
     source = AtariVectorSource(spec.replace(engine="fast", env_backend="ale_vector"))
     try:
-        model = build_model(spec, source.stand_in())
+        model = new_ppo(spec, source.stand_in())
         engine = FastPPO(model, source, cuda_graphs=cuda_graphs)
         engine.learn(steps, callback=Nothing())
     finally:
@@ -188,7 +173,7 @@ def run_plain_sb3(spec: RunSpec) -> dict[str, float]:
     start = time.perf_counter()
     env = VecFrameStack(make_atari_env(spec.env_id, n_envs=spec.n_envs, seed=spec.seed,
                                        vec_env_cls=SubprocVecEnv), n_stack=4)
-    model = build_model(spec, env)
+    model = new_ppo(spec, env)
     learn_start = time.perf_counter()
     model.learn(spec.total_timesteps)
     learn_s = time.perf_counter() - learn_start
