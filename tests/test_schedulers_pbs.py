@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import SchedulerError
+from orchestrator.errors import SchedulerError, UsageError
 from orchestrator.lifecycle import FileView, SchedulerView, decide
 from orchestrator.registry.models import Reason, RunState
 from orchestrator.resources import Resources
@@ -254,3 +254,126 @@ def test_pbs_job_script_runs_the_member_of_its_index(tmp_path: Path) -> None:
     bad = subprocess.run(["bash", str(script)], env=dict(os.environ, PBS_ARRAY_INDEX="3"),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "outside 0..2" in bad.stderr
+
+
+def _fake_qstat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bytes) -> None:
+    """A `qstat` first on PATH that prints `output` (bytes, as a server would) and exits 0."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "qstat.out").write_bytes(output)
+    qstat = bin_dir / "qstat"
+    qstat.write_text(f"#!/bin/sh\ncat '{bin_dir / 'qstat.out'}'\n")
+    qstat.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_qstat_reads_a_latin1_byte_in_captured_output(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's Variable_List with a Latin-1 byte (not UTF-8) must not spoil the poll."""
+    _files()
+    raw = (REFERENCE / "t1_qstat_running.json").read_bytes()
+    latin1 = raw.replace(b'"PBS_O_HOME":\t"/home/pbsuser"', b'"PBS_O_HOME":\t"/home/j\xe9r\xf4me"')
+    assert latin1 != raw
+    with pytest.raises(UnicodeDecodeError):
+        latin1.decode()
+    _fake_qstat(tmp_path, monkeypatch, latin1)
+    reply = PbsScheduler().poll(["0.pbshost"])
+    assert reply.jobs["0.pbshost"].state == JobState.RUNNING
+    assert reply.jobs["0.pbshost"].name == "t1" and not reply.unreadable
+
+
+def test_qstat_nested_too_deeply_is_a_scheduler_error_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_qstat(tmp_path, monkeypatch, b"[" * 200000)
+    with pytest.raises(SchedulerError, match="qstat -F json printed text") as caught:
+        PbsScheduler().poll(["0.pbshost"])
+    assert "\n" not in str(caught.value)
+
+
+def test_qstat_job_nested_too_deeply_in_captured_output_is_unreadable() -> None:
+    _files()
+    text = (REFERENCE / "array_qstat_t_running.json").read_text()
+    marker = '"comment":\t"Job run at Thu Nov 26 at 06:05 on (pbshost:ncpus=1)"'
+    assert marker in text
+    deep = text.replace(marker, '"comment":\t' + "[" * 200000, 1)
+    document = parse_qstat_json(deep)
+    assert set(document.unreadable) == {"2[0].pbshost"}
+    assert "nested too deeply" in document.unreadable["2[0].pbshost"]
+    assert set(document.jobs) == {"2[].pbshost", "2[1].pbshost", "2[2].pbshost", "2[3].pbshost"}
+
+
+@pytest.mark.parametrize("raw_state", ["F", "X"])
+@pytest.mark.parametrize(("comment", "state", "run_state"), [
+    ("Job deleted by pbsuser@pbshost", JobState.CANCELLED, RunState.CANCELLED),
+    ("Job run at Thu Nov 26 at 06:05 on (pbshost:ncpus=1) and terminated by root@pbshost",
+     JobState.CANCELLED, RunState.CANCELLED),
+    ("Job run at Thu Nov 26 at 06:05 on (pbshost:ncpus=1) and finished", JobState.FAILED,
+     RunState.FAILED),
+    (None, JobState.FAILED, RunState.FAILED),
+])
+def test_finished_job_without_exit_status_in_captured_output_is_terminal(
+        raw_state: str, comment: str | None, state: JobState, run_state: RunState) -> None:
+    """F and X end a job: without Exit_status it is cancelled (deletion comment) or failed,
+    never UNKNOWN (which counts as active for ever)."""
+    _files()
+    job = json.loads((REFERENCE / "del_qstat_x_finished.json").read_text())["Jobs"]["3.pbshost"]
+    del job["Exit_status"]
+    job["job_state"] = raw_state
+    if comment is None:
+        del job["comment"]
+    else:
+        job["comment"] = comment
+    status = job_state("3.pbshost", job)
+    assert (status.state, status.exit_status) == (state, None)
+    assert not status.state.is_active()
+    decision = decide(RunState.RUNNING, FileView(), SchedulerView(True, status.state, None,
+                                                                  status.detail),
+                      now=time.time(), since=time.time(), grace_s=600)
+    assert decision.state == run_state
+
+
+def test_job_record_that_is_not_an_object_in_captured_output_is_unreadable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    document = parse_qstat_json('{"Jobs": {"1.x": "garbage"}}')
+    assert document.jobs == {}
+    assert set(document.unreadable) == {"1.x"}
+    assert "not a JSON object" in document.unreadable["1.x"]
+    _files()
+    data = json.loads((REFERENCE / "array_qstat_t_running.json").read_text())
+    data["Jobs"]["2[1].pbshost"] = ["Q"]
+    data["Jobs"]["2[2].pbshost"] = None
+    _fake_qstat(tmp_path, monkeypatch, json.dumps(data).encode())
+    reply = PbsScheduler().poll(["2[0].pbshost", "2[1].pbshost", "2[2].pbshost",
+                                 "2[3].pbshost"])
+    assert set(reply.jobs) == {"2[0].pbshost", "2[3].pbshost"}
+    assert set(reply.unreadable) == {"2[1].pbshost", "2[2].pbshost"}
+    # The same in qstat's one-attribute-per-line layout, read job by job (invalid JSON).
+    text = _corrupt_env((REFERENCE / "array_qstat_t_running.json").read_text())
+    start = text.index('\t\t"2[1].pbshost":')
+    end = text.index('\t\t"2[2].pbshost":')
+    broken = text[:start] + '\t\t"2[1].pbshost":\t"garbage",\n' + text[end:]
+    document = parse_qstat_json(broken)
+    assert set(document.jobs) == {"2[].pbshost", "2[0].pbshost", "2[2].pbshost", "2[3].pbshost"}
+    assert set(document.unreadable) == {"2[1].pbshost"}
+    assert "not a JSON object" in document.unreadable["2[1].pbshost"]
+    first = broken.index('\t\t"2[].pbshost":')
+    leading = broken[:first] + '\t\t"1.pbshost":\t[],\n' + broken[first:]
+    assert set(parse_qstat_json(leading).unreadable) == {"1.pbshost", "2[1].pbshost"}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("4x", "max_running must be a number"),
+    (-2, "max_running must be >= 1"),
+    (0, "max_running must be >= 1"),
+    (2.7, "max_running must be a whole number"),
+    (True, "max_running must be a number"),
+])
+def test_qsub_max_running_is_checked(tmp_path: Path, value: object, message: str) -> None:
+    scheduler = PbsScheduler({"max_running": value})
+    for members in (3, 1):
+        with pytest.raises(UsageError, match=f"satrl.toml \\[pbs\\]: {message}"):
+            scheduler.submit_command(_batch(tmp_path, members, Resources()))
+    command = PbsScheduler({"max_running": 2.0}).submit_command(_batch(tmp_path, 3, Resources()))
+    assert command[3:5] == ["-J", "0-2%2"]
+    assert "-J" in PbsScheduler({}).submit_command(_batch(tmp_path, 3, Resources()))
+    assert "0-2" in PbsScheduler({}).submit_command(_batch(tmp_path, 3, Resources()))

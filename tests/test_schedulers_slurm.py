@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.errors import UsageError
+from orchestrator.errors import SchedulerError, UsageError
 from orchestrator.resources import Resources, hms, pbs_flags, resolve_resources, slurm_flags
 from orchestrator.schedulers import get_scheduler
 from orchestrator.schedulers.base import Batch, BatchMember, JobState
@@ -158,3 +159,64 @@ def test_job_script_command_line_in_an_apptainer_image(tmp_path: Path, flavor: s
             ) in script
     plain = launch_command(_settings({"dispatch": {"python": "/usr/bin/python3"}}), None)
     assert plain == ("/usr/bin/python3", "-m", "agents.train")
+
+
+def _fake_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bytes) -> None:
+    """A `squeue` first on PATH that prints `output` and exits 0, as a broken one may."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "squeue.out").write_bytes(output)
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f"#!/bin/sh\ncat '{bin_dir / 'squeue.out'}'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("output", [
+    b"slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n",
+    b"12_0|RUNNING|node1|satrl-abc|None\nsqueue: error: Invalid user\n",
+    b"12_0|RUNNING|node1\n",
+])
+def test_squeue_line_that_is_not_a_job_is_a_scheduler_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bytes) -> None:
+    """squeue exiting 0 with an error instead of jobs must not read as "no jobs"."""
+    _fake_squeue(tmp_path, monkeypatch, output)
+    scheduler = SlurmScheduler({})
+    for call in (lambda: scheduler.poll(["12_0"]),
+                 lambda: scheduler.find_by_names(["satrl-abc"])):
+        with pytest.raises(SchedulerError, match="squeue printed a line that is not a job") \
+                as caught:
+            call()
+        message = str(caught.value)
+        assert "\n" not in message and "[command: squeue --me" in message
+        assert output.decode().splitlines()[-1][:40] in message
+
+
+def test_squeue_lines_with_odd_names_and_bytes_are_read(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `|` in a job name adds fields (still a job); a Latin-1 byte is replaced, not fatal."""
+    _fake_squeue(tmp_path, monkeypatch,
+                 b"12_0|RUNNING|node1|satrl-abc|None\n"
+                 b"12_[1-2%1]|PENDING||satrl-abc|JobArrayTaskLimit\n"
+                 b"13|RUNNING|node2|caf\xe9 a|b|None\n")
+    reply = SlurmScheduler({}).poll(["12_0", "12_1", "12_2", "13"])
+    assert {k: v.state for k, v in reply.jobs.items()} == {
+        "12_0": JobState.RUNNING, "12_1": JobState.PENDING, "12_2": JobState.PENDING,
+        "13": JobState.RUNNING}
+    assert reply.jobs["12_1"].detail == "JobArrayTaskLimit" and reply.jobs["12_1"].node is None
+    assert reply.jobs["13"].name == "caf\ufffd a"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("4x", "max_running must be a number"),
+    (-2, "max_running must be >= 1"),
+    (0, "max_running must be >= 1"),
+    (2.7, "max_running must be a whole number"),
+])
+def test_sbatch_max_running_is_checked(tmp_path: Path, value: object, message: str) -> None:
+    with pytest.raises(UsageError, match=f"satrl.toml \\[slurm\\]: {message}"):
+        SlurmScheduler({"max_running": value}).submit_command(_batch(tmp_path, 3, Resources()))
+    command = SlurmScheduler({"max_running": 3.0}).submit_command(_batch(tmp_path, 3,
+                                                                         Resources()))
+    assert "--array=0-2%3" in command
+    assert "--array=0-2" in SlurmScheduler({}).submit_command(_batch(tmp_path, 3, Resources()))

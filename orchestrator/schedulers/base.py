@@ -110,10 +110,15 @@ class Submission:
 def run_command(command: Sequence[str], *, script: Path | None = None,
                 timeout_s: float = COMMAND_TIMEOUT_S,
                 ok_codes: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run a scheduler command (no shell); SchedulerError with command and stderr on failure."""
+    """Run a scheduler command (no shell); SchedulerError with command and stderr on failure.
+
+    Output is read as UTF-8 with undecodable bytes replaced: qstat lists every user's jobs, and
+    one Latin-1 byte in somebody's environment must not make the whole reply unreadable.
+    """
     try:
-        completed = subprocess.run(list(command), capture_output=True, text=True,
-                                   timeout=timeout_s, stdin=subprocess.DEVNULL)
+        completed = subprocess.run(list(command), capture_output=True, encoding="utf-8",
+                                   errors="replace", timeout=timeout_s,
+                                   stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise SchedulerError(f"{command[0]} not found on PATH: is this a login node of the "
                              "cluster?", command=list(command),
@@ -166,6 +171,16 @@ class Scheduler(ABC):
     def poll_interval_s(self) -> float:
         return float(config_number(self.config, "poll_interval_s", self.default_poll_interval_s,
                                    f"satrl.toml [{self.name}]", kind=float, minimum=0))
+
+    @property
+    def max_running(self) -> int | None:
+        """How many members of an array may run at once (`-J ...%n`, `--array=...%n`); None
+        (no limit) where satrl.toml does not say. A value given must be a whole number >= 1:
+        the scheduler would refuse `%0`, `%-2` or `%4x` only at submission, if at all."""
+        if "max_running" not in self.config:
+            return None
+        return int(config_number(self.config, "max_running", 1, f"satrl.toml [{self.name}]",
+                                 minimum=1))
 
     # --- the job script ------------------------------------------------------------------
     def render_script(self, batch: Batch) -> str:

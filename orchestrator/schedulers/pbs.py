@@ -44,7 +44,8 @@ def job_state(job_id: str, job: dict[str, Any]) -> JobStatus:
     """satrl's view of one qstat job record."""
     raw = str(job.get("job_state", "?"))
     exit_status = job.get("Exit_status")
-    exit_status = exit_status if isinstance(exit_status, int) else None
+    # (bool is an int to Python, not to PBS)
+    exit_status = exit_status if type(exit_status) is int else None
     comment = str(job.get("comment", ""))
     host = job.get("exec_host")
     node = str(host).split("/")[0] if host else None
@@ -54,13 +55,19 @@ def job_state(job_id: str, job: dict[str, Any]) -> JobStatus:
         state = finished_state(exit_status, comment)
     else:
         state = JobState.UNKNOWN
-    return JobStatus(job_id, state, raw, exit_status, node, job.get("Job_Name"), comment)
+    name = job.get("Job_Name")
+    # Another user's odd record must not reach find_by_names as an unhashable name.
+    return JobStatus(job_id, state, raw, exit_status, node,
+                     name if isinstance(name, str) else None, comment)
 
 
 def finished_state(exit_status: int | None, comment: str) -> JobState:
     """A finished job's outcome from its Exit_status and the server's comment."""
     if exit_status is None:
-        return JobState.UNKNOWN
+        # F and X are terminal: UNKNOWN would count as active for ever. Without an exit status
+        # (a job deleted before it ran, a server that dropped the attribute) only the comment
+        # tells a deletion from a failure.
+        return JobState.CANCELLED if _DELETED.search(comment) else JobState.FAILED
     if exit_status == 0:
         return JobState.COMPLETED
     if exit_status == EXIT_WALLTIME:
@@ -76,10 +83,11 @@ class PbsScheduler(Scheduler):
 
     def submit_command(self, batch: Batch) -> list[str]:
         command = ["qsub", "-N", batch.token]
+        max_running = self.max_running  # checked even for a plain job: the setting is wrong
         if len(batch.members) > 1:
             array = f"0-{len(batch.members) - 1}"
-            if self.config.get("max_running"):
-                array += f"%{int(self.config['max_running'])}"
+            if max_running is not None:
+                array += f"%{max_running}"
             command += ["-J", array]
         command += [*pbs_flags(batch.resources, self.config), "-r", "y", "-j", "oe",
                     "-o", f"{batch.folder}/", str(batch.script_path)]

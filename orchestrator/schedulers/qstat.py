@@ -22,6 +22,9 @@ from orchestrator.errors import SchedulerError
 
 _JOB_START = re.compile(r'^\t\t"(?P<id>[^"\n]+)":\s*\{\s*$', re.MULTILINE)
 _JOB_END = re.compile(r"^\t\t\},?\s*$", re.MULTILINE)
+#: A job whose record is not an object (`"1.x": "garbage",`): listed, so unreadable, not absent.
+_OTHER_RECORD = re.compile(r'^\t\t"(?P<id>[^"\n]+)":[ \t]*(?P<value>[^{\s][^\n]*)$',
+                           re.MULTILINE)
 _VARIABLE_LIST = re.compile(r'^\t\t\t"Variable_List":\s*\{.*?^\t\t\t\},?[ \t]*\n',
                             re.MULTILINE | re.DOTALL)
 
@@ -75,6 +78,11 @@ def strip_leading_zeros(text: str) -> str:
     return "".join(out)
 
 
+#: What a failed json.loads raises: ValueError for bad JSON, RecursionError for nesting
+#: deeper than Python's stack (`[` * 200000), which must be just as unreadable.
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
 def _loads(text: str) -> Any:
     return json.loads(text, strict=False)
 
@@ -86,7 +94,7 @@ def parse_qstat_json(text: str) -> QstatDocument:
     for candidate in (text, None):
         try:
             data = _loads(candidate if candidate is not None else strip_leading_zeros(text))
-        except ValueError:
+        except _JSON_ERRORS:
             continue
         if not isinstance(data, dict):
             raise SchedulerError("qstat -F json printed JSON that is not an object")
@@ -94,18 +102,29 @@ def parse_qstat_json(text: str) -> QstatDocument:
         if not isinstance(jobs, dict):
             raise SchedulerError("qstat -F json printed a 'Jobs' entry that is not an object")
         stamp = data.get("timestamp")
-        return QstatDocument({k: v for k, v in jobs.items() if isinstance(v, dict)}, {},
-                             stamp if isinstance(stamp, int) else None)
+        document = QstatDocument(timestamp=stamp if isinstance(stamp, int) else None)
+        for job_id, job in jobs.items():
+            if isinstance(job, dict):
+                document.jobs[job_id] = job
+            else:  # listed, so not lost; but nothing in it can be read
+                document.unreadable[job_id] = _not_an_object(job)
+        return document
     return _parse_job_by_job(text)
+
+
+def _not_an_object(job: Any) -> str:
+    return f"its record is {type(job).__name__} {str(job)[:60]!r}, not a JSON object"
 
 
 def _parse_job_by_job(text: str) -> QstatDocument:
     document = QstatDocument()
     starts = list(_JOB_START.finditer(text))
-    if not starts:
+    others = list(_OTHER_RECORD.finditer(text))
+    if not starts and not others:
         raise SchedulerError("qstat -F json printed text that is neither JSON nor qstat's "
                              f"one-attribute-per-line layout: {text[:120]!r}")
-    stamp = re.search(r'"timestamp":\s*0*(\d+)', text[:starts[0].start()])
+    first = min(match.start() for match in starts + others)
+    stamp = re.search(r'"timestamp":\s*0*(\d+)', text[:first])
     document.timestamp = int(stamp.group(1)) if stamp else None
     for k, start in enumerate(starts):
         job_id = start.group("id")
@@ -120,6 +139,11 @@ def _parse_job_by_job(text: str) -> QstatDocument:
             document.unreadable[job_id] = error
         else:
             document.jobs[job_id] = job
+    for other in others:
+        if other.group("id") not in document.jobs:
+            document.unreadable.setdefault(
+                other.group("id"),
+                f"its record is not a JSON object: {other.group('value')[:60]!r}")
     return document
 
 
@@ -130,11 +154,15 @@ def _read_job(body: str) -> tuple[dict[str, Any] | None, str]:
         for variant in (candidate, strip_leading_zeros(candidate)):
             try:
                 job = _loads(_drop_trailing_comma(variant))
+            except RecursionError:
+                error = error or "invalid JSON: nested too deeply"
+                continue
             except ValueError as exc:
                 error = error or f"invalid JSON: {exc}"
                 continue
             if isinstance(job, dict):
                 return job, ""
+            error = error or _not_an_object(job)
     return None, error
 
 

@@ -38,6 +38,8 @@ STATES: dict[str, JobState] = {
 }
 #: One line per job (array tasks expanded); `|` cannot occur in ids, states or node lists.
 SQUEUE_FORMAT = "%i|%T|%N|%j|%r"
+#: Fields of a job line: a line with fewer is an error message, not a job.
+SQUEUE_FIELDS = SQUEUE_FORMAT.count("|") + 1
 
 
 class SlurmScheduler(Scheduler):
@@ -47,8 +49,9 @@ class SlurmScheduler(Scheduler):
     def submit_command(self, batch: Batch) -> list[str]:
         last = len(batch.members) - 1
         array = f"0-{last}"
-        if self.config.get("max_running"):
-            array += f"%{int(self.config['max_running'])}"
+        max_running = self.max_running
+        if max_running is not None:
+            array += f"%{max_running}"
         return [
             "sbatch", "--parsable", f"--job-name={batch.token}", f"--array={array}",
             f"--output={batch.folder}/slurm-%A_%a.out",
@@ -67,9 +70,25 @@ class SlurmScheduler(Scheduler):
         return Submission(tuple(f"{job_id}_{i}" for i in range(len(batch.members))), job_id)
 
     def _squeue(self, extra: Sequence[str] = ()) -> list[list[str]]:
+        """squeue's lines split into SQUEUE_FORMAT's fields; SchedulerError for any other line.
+
+        squeue may exit 0 and print an error instead of jobs ("slurm_load_jobs error: Unable
+        to contact slurm controller"): skipping such a line would read as "no jobs", and every
+        run would go lost after the grace period.
+        """
         command = ["squeue", "--me", "-h", "-r", "-t", "all", *extra, "-o", SQUEUE_FORMAT]
-        return [line.split("|") for line in run_command(command).stdout.splitlines()
-                if line.strip()]
+        completed = run_command(command)
+        rows = []
+        for line in completed.stdout.splitlines():
+            if not line.strip():
+                continue
+            fields = line.split("|")
+            # A job name may hold `|` (more fields); fewer is never a job line.
+            if len(fields) < SQUEUE_FIELDS or not fields[0].strip() or not fields[1].strip():
+                raise SchedulerError(f"squeue printed a line that is not a job: {line[:120]!r}",
+                                     command=command, stderr=completed.stderr)
+            rows.append(fields)
+        return rows
 
     def poll(self, job_ids: Sequence[str]) -> PollResult:
         # All of the user's jobs in one call: `squeue -j` fails outright on one purged id.
@@ -77,12 +96,9 @@ class SlurmScheduler(Scheduler):
         result = PollResult()
         whole_arrays: dict[str, JobStatus] = {}
         for fields in self._squeue():
-            if len(fields) < 4:
-                continue
             raw = fields[1].strip()
             template = JobStatus("", STATES.get(raw, JobState.UNKNOWN), raw, None,
-                                 fields[2].strip() or None, fields[3],
-                                 fields[4].strip() if len(fields) > 4 else "")
+                                 fields[2].strip() or None, fields[3], fields[4].strip())
             for job_id in expand_ids(fields[0].strip()):
                 if job_id.isdigit():
                     # A whole array in one record (e.g. every task cancelled while pending).
@@ -112,7 +128,7 @@ class SlurmScheduler(Scheduler):
             return {}
         found: dict[str, dict[int, str]] = {}
         for fields in self._squeue(["-n", ",".join(names)]):
-            if len(fields) < 4 or fields[3] not in names:
+            if fields[3] not in names:
                 continue
             for job_id in expand_ids(fields[0].strip()):
                 array, _, index = job_id.partition("_")
