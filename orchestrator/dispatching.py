@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import aliased
 
 from agents.spec import RunSpec
@@ -47,6 +47,10 @@ from orchestrator.schedulers.base import Batch, BatchMember, Scheduler, config_n
 
 #: Largest array by default (Slurm's default MaxArraySize is 1001; PBS's max_array_size 10000).
 DEFAULT_MAX_ARRAY = 1000
+#: The worker's deadline margin of a spec without one (agents.spec.RunSpec's default), s.
+DEFAULT_DEADLINE_MARGIN_S = 300.0
+#: What Apptainer's --bind splits a value on (binds by ',', source:destination by ':').
+BIND_SEPARATORS = (",", ":")
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
     if request.limit is not None and request.limit < 1:
         raise UsageError("--limit must be at least 1")
     check_config(settings, scheduler)
+    with registry.session() as session:
+        check_walltime(resources, list(session.scalars(queued_runs(request))))
     with dispatch_lock(settings, registry=registry):
         recovered = 0 if dry_run else recover_pending(registry, settings)
         planned = plan_batches(registry, settings, scheduler, resources, request)
@@ -221,14 +227,39 @@ def check_config(settings: Any, scheduler: Scheduler) -> None:
             getattr(scheduler, knob)
 
 
+def deadline_margin_s(run: Run) -> float:
+    """How long before SATRL_DEADLINE the run's worker checkpoints and exits, s."""
+    return float(run.spec.get("deadline_margin_s", DEFAULT_DEADLINE_MARGIN_S))
+
+
+def check_walltime(resources: Resources, runs: list[Run]) -> None:
+    """Refuse a walltime no longer than a run's deadline margin: the job script sets
+    SATRL_DEADLINE walltime_s ahead and the worker stops margin_s before it, so every attempt
+    would stop at once with reason walltime, and auto-requeue would burn max_attempts."""
+    if resources.walltime_s <= 0 or not runs:
+        return  # no time limit (local backend): no deadline either
+    worst = max(runs, key=deadline_margin_s)
+    margin_s = deadline_margin_s(worst)
+    if resources.walltime_s > margin_s:
+        return
+    raise UsageError(
+        f"walltime_min {resources.walltime_min:g} ({resources.walltime_s} s) must exceed the "
+        f"worker's deadline margin of {margin_s:g} s (deadline_margin_s of run {worst.key}): "
+        "every attempt would stop at once; raise --walltime-min (or walltime_min in satrl.toml)")
+
+
+def queued_runs(request: DispatchRequest) -> Select[tuple[Run]]:
+    """The select of the queued runs a dispatch of `request` submits."""
+    statement = select_runs(request.run_filter).where(Run.state == RunState.QUEUED.value)
+    return statement.limit(request.limit) if request.limit else statement
+
+
 def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
                  resources: Resources, request: DispatchRequest) -> list[PlannedBatch]:
     """The queued runs of the request, grouped into batches with their scripts and commands."""
     from orchestrator.images import resolve_job_image
 
-    statement = select_runs(request.run_filter).where(Run.state == RunState.QUEUED.value)
-    if request.limit:
-        statement = statement.limit(request.limit)
+    statement = queued_runs(request)
     max_array = int(config_number(settings.section("dispatch"), "max_array", DEFAULT_MAX_ARRAY,
                                   "satrl.toml [dispatch]", minimum=1))
     planned: list[PlannedBatch] = []
@@ -247,7 +278,9 @@ def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
                 members = tuple(
                     BatchMember(run.id, run_dir_path(settings.scratch, experiment.name, run.game,
                                                      run.attn, run.seed)) for run in chunk)
-                margin = max(float(run.spec.get("deadline_margin_s", 300.0)) for run in chunk)
+                # Again per batch: recovery may have put more runs back in the queue.
+                check_walltime(resources, chunk)
+                margin = max(deadline_margin_s(run) for run in chunk)
                 batch = Batch(token, members, resources, batches_folder(settings) / token,
                               launch, image.digest if image else None,
                               int(math.ceil(margin)))
@@ -266,6 +299,12 @@ def launch_command(settings: Any, image: Any) -> tuple[str, ...]:
 
     section = settings.section("image")
     scratch = str(settings.scratch)
+    for separator in BIND_SEPARATORS:
+        if separator in scratch:
+            raise UsageError(
+                f"the scratch path {scratch} contains {separator!r}, on which apptainer splits "
+                "--bind: jobs in an image cannot bind it; choose a scratch path without ',' or "
+                "':' ([paths] scratch in satrl.toml, or SATRL_SCRATCH)")
     binds = [f"{scratch}:{scratch}", *[str(b) for b in section.get("binds", [])]]
     return tuple(apptainer_exec_argv(image, binds, [str(section.get("python", "python")), "-m",
                                                     "agents.train"]))

@@ -10,11 +10,16 @@ next state and the attempt's reason. Rules, in order of precedence:
 1. exit.json is the truth for what the worker did: done -> succeeded; failed -> failed; walltime
    (the worker saw SATRL_DEADLINE or the scheduler's warning signal) -> failed/walltime.
 2. A worker that only saw a signal (exit.json reason signal) ended as the scheduler says: a user's
-   scancel/qdel -> cancelled; Slurm TIMEOUT or PBS -29 -> failed/walltime; otherwise
-   failed/signal, once the scheduler has ended the job or forgot it a grace period ago.
+   scancel/qdel -> cancelled; Slurm TIMEOUT or PBS -29 -> failed/walltime; preemption or node
+   failure (LOST) -> lost, so that (auto-)requeue resumes it as it would without exit.json;
+   otherwise failed/signal, once the scheduler has ended the job or forgot it a grace period ago.
 3. Without exit.json: the scheduler's TIMEOUT -> failed/walltime (the worker was killed hard);
-   CANCELLED -> cancelled; ended otherwise -> failed (reason signal for a signal exit status);
-   LOST (node failure) -> lost; running -> running.
+   CANCELLED -> cancelled; ended with a failure -> failed (reason signal for a signal exit
+   status); LOST (node failure) -> lost; running -> running. Ended successfully (COMPLETED, exit
+   status 0) the worker did write exit.json, which the login node may not see yet (NFS caches
+   a directory's entries): the run waits a grace period after the worker's last heartbeat (or,
+   without one, after the scheduler last listed the job), then goes lost, from which the exit
+   file still settles it. Failed would be final and wrong once exit.json says done.
 4. A job the scheduler does not list, with no exit.json and no fresh heartbeat, becomes lost only
    a grace period after the scheduler last listed it (or after its submission): one reply that
    omits jobs never makes them lost.
@@ -125,6 +130,9 @@ def decide(current: RunState, files: FileView, scheduler: SchedulerView, *, now:
         return Decision(S.CANCELLED, Reason.CANCELLED, _said("cancelled", scheduler))
     if state == JobState.LOST:
         return Decision(S.LOST, Reason.LOST, _said("given up by the scheduler", scheduler))
+    if state == JobState.COMPLETED and scheduler.exit_status in (None, 0):
+        return _completed_without_exit_file(current, files, scheduler, now=now, since=since,
+                                            grace_s=grace_s)
     if state in (JobState.COMPLETED, JobState.FAILED):
         code = scheduler.exit_status
         reason = Reason.SIGNAL if code is not None and (code > SIGNAL_EXIT_BASE or code < 0) \
@@ -142,6 +150,20 @@ def decide(current: RunState, files: FileView, scheduler: SchedulerView, *, now:
         return Decision(S.LOST, Reason.LOST, f"the scheduler has not listed the job for "
                         f"{now - since:.0f} s and the worker left no exit.json")
     return stay
+
+
+def _completed_without_exit_file(current: RunState, files: FileView, scheduler: SchedulerView,
+                                 *, now: float, since: float, grace_s: float) -> Decision:
+    """A job the scheduler ended successfully while its exit.json is not visible (rule 3)."""
+    # The worker writes exit.json before it exits 0, so the file exists; only our view of the
+    # shared filesystem may lag. Its last heartbeat says when it was last alive; without one,
+    # the scheduler's last listing is the newest sign of the job, as for an omitted job.
+    last_seen = files.heartbeat_at if files.heartbeat_at is not None else since
+    if now - last_seen <= grace_s:
+        return Decision(current)
+    return Decision(S.LOST, Reason.LOST, _said(
+        f"the job completed with exit status 0 but its exit.json is still not visible "
+        f"{now - last_seen:.0f} s after the worker was last seen", scheduler))
 
 
 def _from_exit_file(files: FileView, scheduler: SchedulerView, now: float,
@@ -162,7 +184,13 @@ def _from_exit_file(files: FileView, scheduler: SchedulerView, now: float,
     if state == JobState.TIMEOUT:
         return Decision(S.FAILED, Reason.WALLTIME,
                         _said("killed at its time limit (the worker saw SIGTERM)", scheduler))
-    if state in (JobState.COMPLETED, JobState.FAILED, JobState.LOST):
+    if state == JobState.LOST:
+        # Preemption or a node failure sent the SIGTERM: the scheduler's word wins, and a lost
+        # run is requeued (auto-requeue too) to resume from its newest checkpoint.
+        return Decision(S.LOST, Reason.LOST,
+                        _said(f"given up by the scheduler (the worker saw a signal{message})",
+                              scheduler))
+    if state in (JobState.COMPLETED, JobState.FAILED):
         return Decision(S.FAILED, Reason.SIGNAL, f"stopped by a signal{message}")
     ended_long_ago = files.exit_at is not None and now - files.exit_at > grace_s
     if scheduler.asked and state is None and ended_long_ago:

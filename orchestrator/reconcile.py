@@ -166,6 +166,37 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
     return result
 
 
+def settle_exited(registry: Registry, run_ids: list[int], *, now: float | None = None,
+                  dry_run: bool = False) -> list[Transition]:
+    """The runs among `run_ids` (submitted or running) whose worker already wrote a final
+    exit.json (done, failed, walltime) go where it says, as a reconciliation round takes them
+    (events, the attempt's reason, exit code and provenance), without asking a scheduler: the
+    transitions, not written with `dry_run`.
+
+    For `cancel`: a run that finished must not become cancelled, which nothing undoes.
+    exit.json reason signal is left alone (only the scheduler tells cancel from walltime).
+    """
+    if not run_ids:
+        return []
+    now = time.time() if now is None else now
+    rounds: list[_Round] = []
+    for run in _load(registry, RunFilter(run_ids=tuple(run_ids))):
+        if not run.state.is_active():
+            continue
+        files = read_files(run.run_dir, run.submitted_at)
+        # Not asked, the scheduler cannot move the run; only a heartbeat could (-> running),
+        # which is not a settlement: keep the decisions that end the attempt.
+        decision = lifecycle.decide(run.state, files, NOT_ASKED, now=now,
+                                    since=run.submitted_at, grace_s=DEFAULT_LOST_GRACE_S)
+        if decision.ended:
+            rounds.append(_Round(run, decision, NO_ANSWER, files))
+    result = ReconcileResult()
+    if dry_run:
+        return [_transition(item) for item in rounds]
+    _write(registry, rounds, result, now)
+    return result.transitions
+
+
 def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
     newest = (select(Job.run_id, func.max(Job.id).label("job_pk"))
               .group_by(Job.run_id).subquery())
@@ -333,9 +364,7 @@ def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
         for item in changes:
             job_rows.setdefault(item.run.job_pk, {"id": item.run.job_pk}).update(
                 _job_changes(item, stamp))
-            result.transitions.append(Transition(
-                item.run.run_id, item.run.key, item.run.state.value, item.decision.state.value,
-                item.decision.why, item.decision.reason.value if item.decision.reason else None))
+            result.transitions.append(_transition(item))
         if job_rows:
             # executemany groups rows by their set of keys; keep the groups few.
             by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -343,6 +372,12 @@ def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
                 by_keys.setdefault(tuple(sorted(row)), []).append(row)
             for rows in by_keys.values():
                 session.execute(update(Job), rows)
+
+
+def _transition(item: _Round) -> Transition:
+    run, decision = item.run, item.decision
+    return Transition(run.run_id, run.key, run.state.value, decision.state.value, decision.why,
+                      decision.reason.value if decision.reason else None)
 
 
 def _job_changes(item: _Round, stamp: datetime) -> dict[str, Any]:

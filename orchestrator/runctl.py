@@ -13,6 +13,7 @@ from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Event, Job, Reason, Run, RunState
 from orchestrator.registry.queries import RunFilter
 from orchestrator.schedulers import get_scheduler
+from orchestrator.schedulers.base import JobState
 
 REQUEUABLE = (RunState.FAILED, RunState.LOST, RunState.CANCELLED)
 
@@ -87,8 +88,10 @@ def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
 
 def _still_in_scheduler(settings: Any, candidates: list[tuple[int, str, str | None, str | None]]
                         ) -> dict[str, str]:
-    """job id -> state, for the candidates' jobs their scheduler still has pending or running
-    (one call per backend): a second worker must not start in a directory still in use."""
+    """job id -> what it still is, for the candidates' jobs their scheduler still has pending
+    or running (one call per backend): a second worker must not start in a directory still in
+    use. A job listed in a state satrl does not know, or whose record could not be read, may
+    be running too: it counts as busy (an UNKNOWN job is never a reason to change anything)."""
     by_backend: dict[str, list[str]] = {}
     for _, _, backend, job_id in candidates:
         if backend and job_id:
@@ -96,8 +99,13 @@ def _still_in_scheduler(settings: Any, candidates: list[tuple[int, str, str | No
     busy: dict[str, str] = {}
     for backend, job_ids in by_backend.items():
         reply = get_scheduler(backend, settings).poll(job_ids)
-        busy.update({job_id: status.state.value for job_id, status in reply.jobs.items()
-                     if status.state.is_active() and status.state.value != "unknown"})
+        for job_id, status in reply.jobs.items():
+            if status.state == JobState.UNKNOWN:
+                busy[job_id] = f"listed in state {status.raw_state!r}"
+            elif status.state.is_active():
+                busy[job_id] = status.state.value
+        for job_id in reply.unreadable:
+            busy.setdefault(job_id, "listed (its record could not be read)")
     return busy
 
 
@@ -146,19 +154,38 @@ def requeue_and_dispatch(registry: Registry, settings: Any, run_ids: list[int], 
 @dataclass
 class CancelResult:
     cancelled: list[tuple[int, str]] = field(default_factory=list)
+    #: (run id, key, state) of the runs whose worker had already written its final exit.json:
+    #: settled as reconciliation would (succeeded, failed), not cancelled.
+    settled: list[tuple[int, str, str]] = field(default_factory=list)
     #: backend -> job ids the scheduler was asked to cancel.
     jobs: dict[str, list[str]] = field(default_factory=dict)
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"cancelled": [{"id": rid, "run": key} for rid, key in self.cancelled],
+                "settled": [{"id": rid, "run": key, "state": state}
+                            for rid, key, state in self.settled],
                 "jobs": self.jobs, "dry_run": self.dry_run}
+
+
+def _settle_exited(registry: Registry, result: CancelResult, run_ids: list[int]) -> None:
+    """Settle those of `run_ids` whose worker wrote its final exit.json, and take them out of
+    `result.cancelled`: cancelled -> succeeded is not a move, and no round reconciles a
+    cancelled run, so cancelling a run that had finished would lose its result for good."""
+    from orchestrator.reconcile import settle_exited
+
+    settled = settle_exited(registry, run_ids, dry_run=result.dry_run)
+    result.settled += [(t.run_id, t.key, t.to_state) for t in settled]
+    done = {t.run_id for t in settled}
+    result.cancelled = [(rid, key) for rid, key in result.cancelled if rid not in done]
 
 
 def cancel(registry: Registry, settings: Any, run_filter: RunFilter, *,
            dry_run: bool = False) -> CancelResult:
     """Cancel the queued and active runs matching the filter: the scheduler first (one call per
-    backend), then the registry (-> cancelled, reason cancelled on the attempt)."""
+    backend), then the registry (-> cancelled, reason cancelled on the attempt). Runs whose
+    worker already wrote its final exit.json are settled by it instead, before and again after
+    the scheduler's cancel (a job may end meanwhile)."""
     from orchestrator.dispatching import dispatch_lock, recover_pending
     from orchestrator.registry.models import utcnow
     from orchestrator.registry.queries import select_runs
@@ -169,19 +196,25 @@ def cancel(registry: Registry, settings: Any, run_filter: RunFilter, *,
         if not dry_run:
             recover_pending(registry, settings)
         with registry.session() as session:
-            runs = list(session.scalars(select_runs(run_filter)
-                                        .where(Run.state.in_(open_states))))
+            runs = [(run.id, run.key, run.state) for run in session.scalars(
+                select_runs(run_filter).where(Run.state.in_(open_states)))]
+        result.cancelled = [(rid, key) for rid, key, _ in runs]
+        active = [rid for rid, _, state in runs if state != RunState.QUEUED.value]
+        _settle_exited(registry, result, active)
+        open_ids = {rid for rid, _ in result.cancelled}
+        with registry.session() as session:
             jobs = {rid: (job.id, job.backend, job.job_id, job.ended_at) for rid, job in
-                    _newest_jobs(session, [run.id for run in runs
-                                           if run.state != RunState.QUEUED.value]).items()}
-            result.cancelled = [(run.id, run.key) for run in runs]
+                    _newest_jobs(session, [rid for rid in active if rid in open_ids]).items()}
         for _pk, backend, job_id, ended_at in jobs.values():
             if job_id and ended_at is None:
                 result.jobs.setdefault(backend, []).append(job_id)
-        if dry_run or not runs:
+        if dry_run or not result.cancelled:
             return result
         for backend, job_ids in result.jobs.items():
             get_scheduler(backend, settings).cancel(job_ids)
+        # A job may end while it is being cancelled (the local backend waits for its
+        # workers): one whose worker wrote its final exit.json meanwhile is settled too.
+        _settle_exited(registry, result, list(jobs))
         now = utcnow()
         with registry.write() as session:
             for run in session.scalars(select(Run).where(

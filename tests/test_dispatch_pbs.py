@@ -100,3 +100,58 @@ def test_pbs_dispatch_and_status_against_captured_openpbs_output(
     assert sorted(t["key"] for t in later["transitions"]) == sorted(refs[1:])
     assert {t["to_state"] for t in later["transitions"]} == {"lost"}
     assert show(capsys, refs[1])["attempts"] == 2
+
+
+def _queued_untouched(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
+    """Nothing was claimed, written or submitted."""
+    assert set(states(capsys).values()) == {"queued"}
+    assert _calls(folder, "qsub") == []
+    assert not (Path(show(capsys, "Pong/NA/0").get("run_dir") or "/nonexistent")).exists()
+
+
+def test_dispatch_refuses_a_walltime_within_the_workers_deadline_margin(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "pbs"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    configure(workspace, "", dispatch='backend = "pbs"')
+    # The paper's margin (the smoke preset has 30 s).
+    assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list", "0",
+               *TINY, "--set", "deadline_margin_s=300")[0] == 0
+    for walltime_min, dry_run in (("4", False), ("5", False), ("4", True)):
+        code, out, err = cli(capsys, "dispatch", "--walltime-min", walltime_min,
+                             *(["--dry-run"] if dry_run else []))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"walltime_min {walltime_min} ({int(walltime_min) * 60} s) must exceed the " \
+            "worker's deadline margin of 300 s (deadline_margin_s of run Breakout/NA/0)" in err
+        _queued_untouched(capsys, folder)
+    code, out, err = cli(capsys, "dispatch", "--walltime-min", "5.5")
+    assert code == 0 and "dispatched 2 run(s) to pbs" in out, err
+    assert len(_calls(folder, "qsub")) == 1
+
+
+@pytest.mark.parametrize("separator", [":", ","])
+def test_dispatch_in_an_image_refuses_a_scratch_path_apptainer_would_split(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, separator: str) -> None:
+    folder = tmp_path / "pbs"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    scratch = tmp_path / f"scratch{separator}2024"
+    image = '[image]\npath = "/shared/images/satrl.sif"\nflavor = "cuda"\n'
+    configure(workspace, f'[paths]\nscratch = "{scratch}"\n{image}', dispatch='backend = "pbs"')
+    assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list", "0",
+               *TINY)[0] == 0
+    for dry_run in (True, False):
+        code, out, err = cli(capsys, "dispatch", "--walltime-min", "30",
+                             *(["--dry-run"] if dry_run else []))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"the scratch path {scratch} contains {separator!r}, on which apptainer splits " \
+            "--bind" in err
+        _queued_untouched(capsys, folder)
+    assert not scratch.exists()
+    # Without an image nothing is bound: the same scratch path is fine.
+    configure(workspace, f'[paths]\nscratch = "{scratch}"\n', dispatch='backend = "pbs"')
+    code, out, err = cli(capsys, "dispatch", "--walltime-min", "30")
+    assert code == 0 and "dispatched 2 run(s) to pbs" in out, err

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from orchestrator import dispatching
 from orchestrator.registry.db import Registry
-from orchestrator.registry.models import Job, Run
+from orchestrator.registry.models import Event, Job, Run
 from orchestrator.resources import Resources
 from orchestrator.schedulers.base import (
     Batch,
@@ -41,6 +41,9 @@ class StandIn(Scheduler):
         self.submit_argv = list(submit_argv)
         self.timeout_s = timeout_s
         self.lookups: list[list[str]] = []
+        self.cancelled: list[list[str]] = []
+        #: What poll answers.
+        self.reply = PollResult()
 
     def submit_command(self, batch: Batch) -> list[str]:
         return self.submit_argv
@@ -50,10 +53,10 @@ class StandIn(Scheduler):
         raise AssertionError("the stand-in submit command must fail")
 
     def poll(self, job_ids: Sequence[str]) -> PollResult:
-        return PollResult()
+        return self.reply
 
     def cancel(self, job_ids: Sequence[str]) -> None:
-        pass
+        self.cancelled.append(list(job_ids))
 
     def find_by_names(self, names: Sequence[str],
                       sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
@@ -367,4 +370,130 @@ def test_a_round_judging_an_attempt_replaced_meanwhile_writes_nothing_for_it(
     with registry.session() as session:
         reasons = dict(session.execute(select(Job.job_id, Job.reason)).all())
     assert reasons == {"5": None, "6": None}
+    registry.dispose()
+
+
+def _dispatched(registry: Registry, run_ids: list[int], tmp_path: Path, token: str
+                ) -> list[Path]:
+    """The runs claimed and recorded as one batch (job ids `<n>_<index>`); their run dirs."""
+    batch = _batch(run_ids, token, tmp_path)
+    assert dispatching.claim_runs(registry, "slurm", batch) == set(run_ids)
+    dispatching.record_submission(registry, token, {i: f"81_{i}" for i in range(len(run_ids))},
+                                  "81")
+    for member in batch.members:
+        member.run_dir.mkdir(parents=True, exist_ok=True)
+    return [member.run_dir for member in batch.members]
+
+
+def _write_exit(run_dir: Path, reason: str, code: int) -> None:
+    import json
+    import time
+
+    (run_dir / "exit.json").write_text(json.dumps({
+        "schema": 1, "exit_code": code, "reason": reason, "message": f"{reason} here",
+        "attempt": 1, "ended_at": time.time()}))
+
+
+def _reasons(registry: Registry) -> dict[int, str | None]:
+    with registry.session() as session:
+        return dict(session.execute(select(Job.run_id, Job.reason)).all())
+
+
+def test_cancel_settles_runs_whose_worker_already_wrote_its_exit_json_and_cancels_the_rest(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import runctl
+    from orchestrator.registry.queries import RunFilter
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    done_dir, failed_dir, _ = _dispatched(registry, run_ids[:3], tmp_path, "satrl-3333333333")
+    # Two workers finished before the user's cancel (their jobs are gone); one still runs;
+    # the fourth run is still queued.
+    _write_exit(done_dir, "done", 0)
+    _write_exit(failed_dir, "failed", 1)
+    stand_in = StandIn()
+    monkeypatch.setattr(runctl, "get_scheduler", lambda name, s: stand_in)
+    monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
+    everything = RunFilter(run_ids=tuple(run_ids))
+
+    preview = runctl.cancel(registry, settings(), everything, dry_run=True)
+    assert [rid for rid, _ in preview.cancelled] == run_ids[2:]
+    assert [(rid, state) for rid, _, state in preview.settled] == [
+        (run_ids[0], "succeeded"), (run_ids[1], "failed")]
+    assert preview.jobs == {"slurm": ["81_2"]} and stand_in.cancelled == []
+    assert [_states(registry)[rid] for rid in run_ids] == ["submitted"] * 3 + ["queued"]
+
+    result = runctl.cancel(registry, settings(), everything)
+    assert [rid for rid, _ in result.cancelled] == run_ids[2:]
+    assert stand_in.cancelled == [["81_2"]]  # no cancel of a job that has ended
+    assert [_states(registry)[rid] for rid in run_ids] == [
+        "succeeded", "failed", "cancelled", "cancelled"]
+    assert _reasons(registry) == {run_ids[0]: "done", run_ids[1]: "failed",
+                                  run_ids[2]: "cancelled"}
+    assert result.to_json()["settled"][0]["state"] == "succeeded"
+    with registry.session() as session:
+        why = session.scalar(select(Event.why).where(Event.run_id == run_ids[0],
+                                                     Event.to_state == "succeeded"))
+    assert why == "finished: done here"
+    registry.dispose()
+
+
+def test_cancel_settles_a_run_whose_worker_finished_while_its_job_was_being_cancelled(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import runctl
+    from orchestrator.registry.queries import RunFilter
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    run_dirs = _dispatched(registry, run_ids[:2], tmp_path, "satrl-4444444444")
+
+    class FinishesMeanwhile(StandIn):
+        def cancel(self, job_ids: Sequence[str]) -> None:
+            super().cancel(job_ids)
+            _write_exit(run_dirs[0], "done", 0)  # the worker wrote exit.json before the kill
+
+    stand_in = FinishesMeanwhile()
+    monkeypatch.setattr(runctl, "get_scheduler", lambda name, s: stand_in)
+    result = runctl.cancel(registry, settings(), RunFilter(run_ids=tuple(run_ids[:2])))
+    assert stand_in.cancelled == [["81_0", "81_1"]]
+    assert [rid for rid, _ in result.cancelled] == [run_ids[1]]
+    assert [_states(registry)[rid] for rid in run_ids[:2]] == ["succeeded", "cancelled"]
+    assert _reasons(registry) == {run_ids[0]: "done", run_ids[1]: "cancelled"}
+    registry.dispose()
+
+
+def test_requeue_leaves_a_run_whose_job_is_listed_unreadable_or_in_an_unknown_state(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import runctl
+    from orchestrator.registry.queries import RunFilter
+    from orchestrator.schedulers.base import JobState, JobStatus
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    _dispatched(registry, run_ids, tmp_path, "satrl-5555555555")
+    with registry.write() as session:
+        session.execute(update(Run).values(state="lost"))
+    stand_in = StandIn()
+    # 81_0 listed in a state satrl does not know, 81_1 listed but unreadable, 81_2 running,
+    # 81_3 no longer listed: only the last may get a second worker in its run directory.
+    stand_in.reply = PollResult(
+        {"81_0": JobStatus("81_0", JobState.UNKNOWN, "RESV_DEL_HOLD2"),
+         "81_2": JobStatus("81_2", JobState.RUNNING, "RUNNING")},
+        {"81_1": "invalid JSON at line 3"})
+    monkeypatch.setattr(runctl, "get_scheduler", lambda name, s: stand_in)
+    result = runctl.requeue(registry, settings(), RunFilter(run_ids=tuple(run_ids)),
+                            dry_run=True)
+    with registry.session() as session:
+        key_of = {run.id: run.key for run in session.scalars(select(Run))}
+    assert result.requeued == [(run_ids[3], key_of[run_ids[3]])]
+    assert set(result.skipped) == {key_of[rid] for rid in run_ids[:3]}
+    assert result.skipped[key_of[run_ids[0]]] == (
+        "job 81_0 is still listed in state 'RESV_DEL_HOLD2' in slurm: requeue it once it has "
+        "stopped")
+    assert "job 81_1 is still listed (its record could not be read)" in \
+        result.skipped[key_of[run_ids[1]]]
+    assert "job 81_2 is still running" in result.skipped[key_of[run_ids[2]]]
     registry.dispose()

@@ -94,10 +94,22 @@ def test_decide_over_every_observation(current: S, reason: str | None, view: Sch
             assert decision.state == S.CANCELLED and decision.reason == Reason.CANCELLED
         if listed == JobState.TIMEOUT:
             assert decision.state == S.FAILED and decision.reason == Reason.WALLTIME
-    # Lost only from a fresh poll that omitted the job, after the grace, with no exit.json.
+    # Lost only from a fresh poll that omitted the job, after the grace, with no exit.json; from
+    # the scheduler giving the job up (preemption, node failure), whatever signal the worker
+    # saw; or from a successful end whose exit.json stayed invisible past the grace.
+    completed_ok = listed == JobState.COMPLETED and view.exit_status in (None, 0)
+    last_seen = heartbeat if heartbeat is not None else since
     if decision.state == S.LOST and current != S.LOST:
-        assert reason is None and (listed == JobState.LOST or (
-            view.asked and listed is None and NOW - since > GRACE))
+        assert decision.reason == Reason.LOST
+        assert (reason is None and (listed == JobState.LOST or (
+            view.asked and listed is None and NOW - since > GRACE) or (
+            completed_ok and NOW - last_seen > GRACE))) or (
+            reason == "signal" and listed == JobState.LOST)
+    if current != S.LOST and listed == JobState.LOST and reason in (None, "signal"):
+        assert decision.state == S.LOST
+    # A successful end never fails a run for want of an exit.json: it waits, then is lost.
+    if current != S.LOST and reason is None and completed_ok:
+        assert decision.state == (S.LOST if NOW - last_seen > GRACE else current)
     if not view.asked and reason is None:
         assert decision.state in (current, S.RUNNING)
     # A signal without the scheduler's word waits (never a guess between cancel and walltime).
@@ -126,3 +138,44 @@ def test_pbs_exit_statuses_without_exit_json() -> None:
     failed = decide(S.RUNNING, FileView(), SchedulerView(True, JobState.FAILED, 1), now=NOW,
                     since=NOW, grace_s=GRACE)
     assert failed.reason == Reason.FAILED
+
+
+def test_a_preempted_job_whose_worker_saw_the_signal_is_lost_so_it_is_requeued() -> None:
+    # PREEMPTED / NODE_FAIL: the worker wrote exit.json "signal"; the scheduler's LOST wins,
+    # as it does without exit.json, so auto-requeue resumes the run from its checkpoint.
+    files = FileView(exit_reason="signal", exit_code=143, exit_at=NOW - 5)
+    for current in (S.SUBMITTED, S.RUNNING):
+        decision = decide(current, files, SchedulerView(True, JobState.LOST, None, "PREEMPTED"),
+                          now=NOW, since=NOW, grace_s=GRACE)
+        assert (decision.state, decision.reason) == (S.LOST, Reason.LOST)
+        assert "PREEMPTED" in decision.why
+    without_file = decide(S.RUNNING, FileView(), SchedulerView(True, JobState.LOST), now=NOW,
+                          since=NOW, grace_s=GRACE)
+    assert (without_file.state, without_file.reason) == (S.LOST, Reason.LOST)
+
+
+@pytest.mark.parametrize("exit_status", [0, None])
+def test_a_completed_job_whose_exit_json_is_not_visible_yet_waits_then_is_lost(
+        exit_status: int | None) -> None:
+    completed = SchedulerView(True, JobState.COMPLETED, exit_status)
+    # NFS on the login node may hide the new exit.json for a while: the run stays as it is.
+    beating = FileView(heartbeat_at=NOW - 30)
+    assert decide(S.RUNNING, beating, completed, now=NOW, since=NOW - 10,
+                  grace_s=GRACE).state == S.RUNNING
+    assert decide(S.SUBMITTED, FileView(), completed, now=NOW, since=NOW - 10,
+                  grace_s=GRACE).state == S.SUBMITTED
+    # Past the grace since the worker was last seen: lost (never failed, which is final) ...
+    quiet = FileView(heartbeat_at=NOW - GRACE - 1)
+    lost = decide(S.RUNNING, quiet, completed, now=NOW, since=NOW - 10, grace_s=GRACE)
+    assert (lost.state, lost.reason) == (S.LOST, Reason.LOST)
+    assert "exit.json is still not visible" in lost.why
+    assert decide(S.SUBMITTED, FileView(), completed, now=NOW, since=NOW - GRACE - 1,
+                  grace_s=GRACE).state == S.LOST
+    # ... from which the exit file, once visible, still settles the run.
+    done = decide(S.LOST, FileView(exit_reason="done", exit_at=NOW - 700), NOT_ASKED, now=NOW,
+                  since=NOW, grace_s=GRACE)
+    assert (done.state, done.reason) == (S.SUCCEEDED, Reason.DONE)
+    # A job that ended with a failure still fails at once.
+    failed = decide(S.RUNNING, FileView(), SchedulerView(True, JobState.FAILED, 1), now=NOW,
+                    since=NOW, grace_s=GRACE)
+    assert (failed.state, failed.reason) == (S.FAILED, Reason.FAILED)
