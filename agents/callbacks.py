@@ -19,13 +19,11 @@ import csv
 import io
 import math
 import os
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -34,6 +32,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents import rundir
+from agents.stop import StopRequest
 
 # --- status.json ------------------------------------------------------------------------------
 
@@ -128,50 +127,6 @@ class StatusCallback(BaseCallback):
 
 
 # --- stopping: signals, deadline, the end of the budget ---------------------------------------
-
-EXIT_CODES = {"done": 0, "failed": 1, "walltime": 75, "signal": 143}
-
-
-class StopRequest:
-    """Why training should stop early, set by signal handlers or by the deadline.
-
-    Handlers only set a flag (a signal can arrive inside torch or a file write); the callbacks
-    poll it and stop `learn()` at the next environment step.
-
-    :param deadline: SATRL_DEADLINE, epoch seconds, or None.
-    :param margin_s: stop this long before the deadline, leaving time to save.
-    """
-
-    def __init__(self, deadline: float | None = None, margin_s: float = 0.0) -> None:
-        self.deadline = deadline
-        self.margin_s = margin_s
-        self.reason: str | None = None
-        self.message = ""
-
-    def set(self, reason: str, message: str) -> None:
-        if self.reason is None:  # the first cause wins
-            self.reason, self.message = reason, message
-
-    def poll(self) -> str | None:
-        """The stop reason, checking the deadline first."""
-        if (self.reason is None and self.deadline is not None
-                and time.time() >= self.deadline - self.margin_s):
-            self.set("walltime", f"deadline {self.deadline:.0f} minus a margin of "
-                                 f"{self.margin_s:.0f} s reached")
-        return self.reason
-
-    def install_handlers(self) -> None:
-        """SIGTERM and SIGINT stop with reason signal; SIGUSR1 (a scheduler's warning) walltime."""
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGUSR1:
-                self.set("walltime", f"{name} received (the scheduler's walltime warning)")
-            else:
-                self.set("signal", f"{name} received")
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(signum, on_signal)
-
 
 class StopCallback(BaseCallback):
     """Stops learn() on a StopRequest, or exactly at the budget when a rollout would overshoot.
@@ -324,14 +279,21 @@ class EvaluationCallback(EveryStepsCallback):
 
 
 class CheckpointCallback(EveryStepsCallback):
-    """Calls the worker's `save(steps)` every `every_steps` (the worker also saves at exit)."""
+    """Calls the worker's `save(steps)` every `every_steps` below the budget.
 
-    def __init__(self, every_steps: int, save: Callable[[int], None]) -> None:
+    The checkpoint at total_timesteps is the worker's own, saved after learn() returns: one
+    taken here, in on_step, would come before the last update, and a worker killed during that
+    update would leave a "final" checkpoint without it, which the next attempt takes as done.
+    """
+
+    def __init__(self, every_steps: int, total_timesteps: int,
+                 save: Callable[[int], None]) -> None:
         super().__init__(every_steps)
+        self.total_timesteps = total_timesteps
         self.save = save
 
     def _on_step(self) -> bool:
-        if self._crossed():
+        if self._crossed() and self.model.num_timesteps < self.total_timesteps:
             self.save(self.model.num_timesteps)
         return True
 

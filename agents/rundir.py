@@ -183,12 +183,13 @@ def file_kind(relative: str) -> str | None:
             METRICS_CSV: "metrics",
             EVALUATIONS_NPZ: "evaluations",
         }.get(top)
-    return {
-        CHECKPOINTS_DIR: "checkpoint",
-        OBSERVATIONS_DIR: "observation",
-        MONITOR_DIR: "monitor",
-        TB_DIR: "tensorboard",
-    }.get(top)
+    # A stray file beside the checkpoints or dumps (an NFS silly-rename leftover, a README) is
+    # not an artefact: listed, it would reach the fetch as a checkpoint without a step.
+    if top == CHECKPOINTS_DIR:
+        return "checkpoint" if _CHECKPOINT_RE.match(rest) else None
+    if top == OBSERVATIONS_DIR:
+        return "observation" if _OBSERVATION_RE.match(rest) else None
+    return {MONITOR_DIR: "monitor", TB_DIR: "tensorboard"}.get(top)
 
 
 class ManifestBuilder:

@@ -28,6 +28,13 @@ SCHEMA_VERSION = 1
 DERIVED_KEYS = ("schema", "env_id", "spec_hash")
 
 
+#: Upper bound of total_timesteps: a thousand paper runs' worth; anything larger is a typo.
+MAX_TIMESTEPS = 10**10
+#: Samples per rollout (n_envs x n_steps); the paper's is 2,048. SB3 stores them as float32
+#: observations: 262,144 x 4 x 84 x 84 x 4 bytes is already 29.6 GB.
+MAX_ROLLOUT_SIZE = 262_144
+
+
 class SpecError(ValueError):
     """A spec that cannot be used: the message says which field and how to fix it."""
 
@@ -73,11 +80,12 @@ class RunSpec:
                             scientific=False, min=1)
 
     # --- PPO ------------------------------------------------------------------------------
-    total_timesteps: int = _f(10_000_000, "Training budget.", unit="agent steps", min=1)
+    total_timesteps: int = _f(10_000_000, "Training budget.", unit="agent steps", min=1,
+                              max=MAX_TIMESTEPS)
     n_envs: int = _f(16, "Parallel training environments.", unit="envs", min=1, max=1024)
     n_steps: int = _f(128, "Rollout length per environment per update.", unit="env steps",
-                      min=1)
-    n_epochs: int = _f(3, "Passes over each rollout.", unit="epochs", min=1)
+                      min=1, max=MAX_ROLLOUT_SIZE)
+    n_epochs: int = _f(3, "Passes over each rollout.", unit="epochs", min=1, max=1000)
     batch_size: int = _f(256, "Minibatch size of the update.", unit="samples", min=1)
     learning_rate: float = _f(2.5e-4, "Initial Adam learning rate.", min=0.0, max=1.0)
     lr_schedule: str = _f("linear", "Learning-rate schedule: linear decays to 0 with progress.",
@@ -130,9 +138,9 @@ class RunSpec:
     torch_threads: int = _f(0, "Torch intra-op threads; 0 lets torch decide.", unit="threads",
                             scientific=False, min=0, max=1024)
     deadline_margin_s: float = _f(300.0, "Checkpoint and exit this long before SATRL_DEADLINE.",
-                                  unit="s", scientific=False, min=0.0)
+                                  unit="s", scientific=False, min=0.0, max=7 * 86_400.0)
     status_every_s: float = _f(5.0, "Heartbeat interval of status.json.", unit="s",
-                               scientific=False, min=0.1)
+                               scientific=False, min=0.1, max=3600.0)
 
     SCHEMA: ClassVar[int] = SCHEMA_VERSION
 
@@ -148,6 +156,11 @@ class RunSpec:
                 f"total_timesteps {self.total_timesteps} is not a multiple of n_envs "
                 f"{self.n_envs}: every env steps once per agent step, so training would end "
                 "past the budget"
+            )
+        if self.rollout_size > MAX_ROLLOUT_SIZE:
+            raise SpecError(
+                f"a rollout of n_envs x n_steps = {self.rollout_size} samples exceeds "
+                f"{MAX_ROLLOUT_SIZE}: its buffer would not fit in memory (the paper's is 2048)"
             )
         if self.batch_size > self.n_envs * self.n_steps:
             raise SpecError(
@@ -225,7 +238,14 @@ class RunSpec:
         unknown = sorted(set(data) - names - set(DERIVED_KEYS))
         if unknown:
             raise SpecError(f"run.json has unknown field(s): {', '.join(unknown)}")
+        missing = [f.name for f in fields(cls) if f.metadata["scientific"] and f.name not in data]
+        if missing:
+            raise SpecError(f"run.json lacks the scientific field(s) {', '.join(missing)}: the "
+                            "orchestrator writes every one")
         spec = cls(**{k: v for k, v in data.items() if k in names})
+        if "env_id" in data and data["env_id"] != spec.env_id:
+            raise SpecError(f"run.json's env_id {str(data['env_id'])[:60]!r} is not game "
+                            f"{spec.game}'s {spec.env_id}")
         stated = data.get("spec_hash")
         if stated is not None and stated != spec.spec_hash():
             raise SpecError(
@@ -263,7 +283,7 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
     }.get(kind, False)
     if not ok:
         raise SpecError(f"{f.name} must be {kind}, got {type(value).__name__} {value!r}")
-    if kind == "float" and not math.isfinite(value):
+    if kind == "float" and not _finite(value):
         raise SpecError(f"{f.name} must be a finite number, got {value!r}")
     if meta["min"] is not None and value < meta["min"]:
         raise SpecError(f"{f.name} must be >= {meta['min']}, got {value!r}")
@@ -278,6 +298,14 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
         raise SpecError(
             f"{f.name} must be one of {listed}, got {value!r}{_suggest(str(value), choices)}"
         )
+
+
+def _finite(value: float) -> bool:
+    """math.isfinite, for ints too large for a float as well (they are not finite floats)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _parse_value(f: dataclasses.Field[Any], text: str) -> Any:

@@ -5,15 +5,18 @@ contract (ARCHITECTURE.md). It touches no database and talks to no orchestrator:
 starts it, and started again on the same directory it resumes.
 
 One attempt, top to bottom:
- 1. Read and validate run.json (before importing torch: a bad spec fails in a fraction of a
-    second). Invalid: exit.json with reason failed, one line on stderr, exit code 2.
- 2. Finished already (exit.json says done and the final checkpoint exists): exit 0 at once.
+ 1. Install the signal handlers, take RUN_DIR's lock, read and validate run.json (before
+    importing torch: a bad spec fails in a fraction of a second), also against the spec hash
+    that trained the directory's checkpoints. Invalid: one line on stderr, exit code 2, and
+    exit.json with reason failed (unless a finished run's exit.json is there).
+ 2. Finished already (exit.json says done and the final checkpoint is intact): exit 0.
  3. Number the attempt (1 + entries of provenance.json), record provenance, start status.json.
  4. Load the newest checkpoint that loads; truncated or corrupt ones are deleted with a warning.
     Evaluations, metrics rows and observation dumps newer than it are dropped, to be redone.
  5. learn() up to total_timesteps with the callbacks of agents.callbacks; the lr and clip
     schedules see progress relative to total_timesteps, so they continue across attempts.
- 6. Exit: a checkpoint at the final step, the final manifest, exit.json last.
+ 6. Exit: a checkpoint at the final step (only here, after the last update), the final
+    manifest, exit.json last.
     done 0, failed 1, invalid run.json 2, walltime 75 (SIGUSR1 or SATRL_DEADLINE minus the
     spec's margin), signal 143 (SIGTERM, SIGINT).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import socket
@@ -36,11 +40,17 @@ from typing import TYPE_CHECKING, Any
 
 from agents import rundir
 from agents.spec import RunSpec, SpecError
+from agents.stop import EXIT_CODES, StopRequest
 
 if TYPE_CHECKING:  # heavy imports happen after run.json has been validated
     from stable_baselines3 import PPO
 
-    from agents.callbacks import MetricsTable, StatusHeartbeat, StopRequest
+    from agents.callbacks import MetricsTable, StatusHeartbeat
+
+class WorkerError(RuntimeError):
+    """A failure whose message is the whole story (no traceback): a checkpoint that does not
+    belong to this run, or does not load."""
+
 
 #: Exit code of an invalid run.json (exit.json's reason is still `failed`).
 EXIT_INVALID_SPEC = 2
@@ -94,30 +104,51 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directory holding run.json (written by the orchestrator)")
     args = parser.parse_args(argv)
     run_dir: Path = args.run_dir
+    # First: a SIGTERM while torch loads (seconds) must still end with this attempt's exit.json.
+    stop = StopRequest()
+    stop.install_handlers()
     if not run_dir.is_dir():
         _error_line(f"run directory {run_dir} does not exist: create it with a run.json first")
         return EXIT_INVALID_SPEC
-    try:
-        spec = read_spec(run_dir)
-    except SpecError as error:
-        message = f"invalid {rundir.RUN_JSON}: {error}"
-        _error_line(message)
-        _write_exit(run_dir, "failed", EXIT_INVALID_SPEC, message,
-                    timesteps=_newest_checkpoint_step(run_dir), attempt=_next_attempt(run_dir))
+    if not (run_dir / rundir.RUN_JSON).is_file():
+        _error_line(f"{run_dir} holds no {rundir.RUN_JSON} (the orchestrator writes it before "
+                    "submission); nothing written")
         return EXIT_INVALID_SPEC
-    if is_finished(run_dir, spec):
+    # Read-only until the lock is held: a finished run stays exactly as it is.
+    try:
+        spec: RunSpec | None = read_spec(run_dir)
+        check_same_spec(run_dir, spec)
+        problem = None
+    except SpecError as error:
+        spec, problem = None, f"invalid {rundir.RUN_JSON}: {error}"
+    if spec is not None and is_finished(run_dir, spec):
         print(f"{run_dir}: finished already at {spec.total_timesteps} steps; nothing to do")
         return 0
-    lock = lock_run_dir(run_dir)
-    if isinstance(lock, str):
-        _error_line(f"another worker ({lock}) is training in {run_dir}; this one exits "
-                    "without touching it")
-        return EXIT_BUSY
     try:
-        return Worker(run_dir, spec).run()
-    finally:
-        if lock is not None:
-            os.close(lock)  # releases it (the kernel does too, however the process ends)
+        lock = lock_run_dir(run_dir)
+        if isinstance(lock, str):
+            _error_line(problem or f"another worker ({lock}) is training in {run_dir}; this one "
+                        "exits without touching it")
+            return EXIT_INVALID_SPEC if problem else EXIT_BUSY
+        try:
+            if spec is None:
+                return _refuse(run_dir, str(problem))
+            return Worker(run_dir, spec, stop).run()
+        finally:
+            if lock is not None:
+                os.close(lock)  # releases it (the kernel does too, however the process ends)
+    except OSError as error:  # e.g. a read-only or full filesystem where even exit.json fails
+        _error_line(f"cannot write in {run_dir}: {error}")
+        return EXIT_CODES["failed"]
+
+
+def _refuse(run_dir: Path, message: str) -> int:
+    """An invalid run.json: one line, and exit.json unless a finished run's is there."""
+    _error_line(message)
+    if not _exit_says_done(run_dir):  # a finished run's exit.json stays the truth about it
+        _write_exit(run_dir, "failed", EXIT_INVALID_SPEC, message,
+                    timesteps=_newest_checkpoint_step(run_dir), attempt=_next_attempt(run_dir))
+    return EXIT_INVALID_SPEC
 
 
 def lock_run_dir(run_dir: Path) -> int | str | None:
@@ -175,10 +206,34 @@ def read_spec(run_dir: Path) -> RunSpec:
 
 
 def is_finished(run_dir: Path, spec: RunSpec) -> bool:
-    """exit.json says done and the checkpoint at total_timesteps is there."""
+    """exit.json says done and the checkpoint at total_timesteps is there and intact."""
+    final = rundir.checkpoint_path(run_dir, spec.total_timesteps)
+    return _exit_says_done(run_dir) and final.is_file() and _zip_problem(final) is None
+
+
+def _exit_says_done(run_dir: Path) -> bool:
     exit_info = rundir.read_json(run_dir / rundir.EXIT_JSON)
-    return (isinstance(exit_info, dict) and exit_info.get("reason") == "done"
-            and rundir.checkpoint_path(run_dir, spec.total_timesteps).is_file())
+    return isinstance(exit_info, dict) and exit_info.get("reason") == "done"
+
+
+def check_same_spec(run_dir: Path, spec: RunSpec) -> None:
+    """SpecError when the directory's checkpoints were trained under other scientific settings.
+
+    Every attempt records its spec hash in provenance.json; a run.json edited between attempts
+    (another seed, learning rate or game) would otherwise resume, or count as finished, with
+    weights and metrics that belong to a different experiment.
+    """
+    if not rundir.list_checkpoints(run_dir):
+        return
+    recorded = [(a.get("attempt"), a["spec_hash"]) for a in _previous_attempts(run_dir)
+                if isinstance(a.get("spec_hash"), str)]
+    if recorded and recorded[-1][1] != spec.spec_hash():
+        attempt, trained = recorded[-1]
+        raise SpecError(
+            f"its scientific settings (spec hash {spec.spec_hash()[:12]}) are not the ones that "
+            f"trained this directory's checkpoints (hash {trained[:12]}, attempt {attempt}): "
+            "queue a new run for new settings"
+        )
 
 
 def _error_line(message: str) -> None:
@@ -247,7 +302,7 @@ def _git_commit() -> str | None:
 
 
 def provenance_entry(
-    attempt: int, started_at: float, resumed_from_step: int | None
+    attempt: int, started_at: float, resumed_from_step: int | None, spec_hash: str | None = None
 ) -> dict[str, Any]:
     """Where and with what this attempt runs (one entry of provenance.json's attempts)."""
     import torch
@@ -267,6 +322,7 @@ def provenance_entry(
         "image_digest": os.environ.get("SATRL_IMAGE_DIGEST") or None,
         "scheduler_job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or None,
         "resumed_from_step": resumed_from_step,
+        "spec_hash": spec_hash,
     }
 
 
@@ -275,9 +331,12 @@ def _deadline_from_env() -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
+        deadline = float(raw)
     except ValueError:
-        raise SpecError(f"SATRL_DEADLINE must be epoch seconds, got {raw!r}") from None
+        deadline = math.nan
+    if not math.isfinite(deadline):
+        raise SpecError(f"SATRL_DEADLINE must be epoch seconds, got {raw[:40]!r}")
+    return deadline
 
 
 # --- the worker ---------------------------------------------------------------------------------
@@ -285,9 +344,11 @@ def _deadline_from_env() -> float | None:
 class Worker:
     """One attempt at one run directory."""
 
-    def __init__(self, run_dir: Path, spec: RunSpec) -> None:
+    def __init__(self, run_dir: Path, spec: RunSpec, stop: StopRequest | None = None) -> None:
         self.run_dir = run_dir
         self.spec = spec
+        # main() installs the handlers before the heavy imports; a Worker alone installs them.
+        self._early_stop = stop
         self.started_at = time.time()
         self.attempt = _next_attempt(run_dir)
         self.model: PPO | None = None
@@ -298,8 +359,6 @@ class Worker:
 
     def run(self) -> int:
         """Train, then write the exit files; returns the process exit code."""
-        from agents.callbacks import EXIT_CODES, StopRequest
-
         try:
             deadline = _deadline_from_env()
         except SpecError as error:
@@ -307,8 +366,12 @@ class Worker:
             _write_exit(self.run_dir, "failed", EXIT_INVALID_SPEC, str(error),
                         _newest_checkpoint_step(self.run_dir), self.attempt)
             return EXIT_INVALID_SPEC
-        self.stop = StopRequest(deadline, self.spec.deadline_margin_s)
-        self.stop.install_handlers()
+        if self._early_stop is not None:  # keeps any signal that arrived during start-up
+            self.stop = self._early_stop
+            self.stop.deadline, self.stop.margin_s = deadline, self.spec.deadline_margin_s
+        else:
+            self.stop = StopRequest(deadline, self.spec.deadline_margin_s)
+            self.stop.install_handlers()
         (self.run_dir / rundir.EXIT_JSON).unlink(missing_ok=True)  # exists only after an exit
         rundir.remove_temp_files(self.run_dir)
         try:
@@ -324,6 +387,9 @@ class Worker:
             else:  # learn() returned early without a stop request: should not happen
                 reason, message = "failed", f"training ended early at {timesteps} steps"
             code = EXIT_CODES[reason]
+        except WorkerError as error:  # a known cause: its one line says it all
+            reason, code, message = "failed", EXIT_CODES["failed"], str(error)
+            _error_line(message)
         except Exception as error:  # anything: the orchestrator needs an exit.json
             traceback.print_exc()
             reason, code = "failed", EXIT_CODES["failed"]
@@ -413,7 +479,8 @@ class Worker:
                 EvaluationCallback(eval_env, history, spec.eval_every_steps, spec.eval_episodes,
                                    spec.eval_deterministic, self.stop, self.heartbeat),
                 ObservationDumpCallback(run_dir, spec.obs_dump_every_steps, spec.obs_dump_count),
-                CheckpointCallback(spec.checkpoint_every_steps, self.save_checkpoint),
+                CheckpointCallback(spec.checkpoint_every_steps, spec.total_timesteps,
+                                   self.save_checkpoint),
                 MetricsCallback(metrics),
                 StopCallback(self.stop, spec.total_timesteps),
             ])
@@ -476,7 +543,7 @@ class Worker:
             try:
                 model = PPO.load(path, device=self.spec.device)
             except Exception as error:
-                raise RuntimeError(f"checkpoint {path.name} is intact but does not load: "
+                raise WorkerError(f"checkpoint {path.name} is intact but does not load: "
                                    f"{type(error).__name__}: {error}") from error
             self._check_matches_spec(model, path, step)
             return model
@@ -486,10 +553,10 @@ class Worker:
         extractor_kwargs = model.policy_kwargs.get("features_extractor_kwargs", {})
         attn = extractor_kwargs.get("self_attn")
         if attn != self.spec.attn or model.n_envs != self.spec.n_envs:
-            raise RuntimeError(f"checkpoint {path.name} has attn={attn}, n_envs={model.n_envs}; "
+            raise WorkerError(f"checkpoint {path.name} has attn={attn}, n_envs={model.n_envs}; "
                                f"run.json has attn={self.spec.attn}, n_envs={self.spec.n_envs}")
         if model.num_timesteps != step:
-            raise RuntimeError(f"checkpoint {path.name} holds num_timesteps="
+            raise WorkerError(f"checkpoint {path.name} holds num_timesteps="
                                f"{model.num_timesteps}, not the {step} of its name")
 
     def _drop_dumps_after(self, step: int) -> int:
@@ -516,7 +583,8 @@ class Worker:
     def _record_provenance(self, resumed_from_step: int | None) -> None:
         """Add (or, on the second call, update) this attempt's entry in provenance.json."""
         attempts = [a for a in _previous_attempts(self.run_dir) if a.get("attempt") != self.attempt]
-        attempts.append(provenance_entry(self.attempt, self.started_at, resumed_from_step))
+        attempts.append(provenance_entry(self.attempt, self.started_at, resumed_from_step,
+                                         self.spec.spec_hash()))
         rundir.write_json(self.run_dir / rundir.PROVENANCE_JSON, {"attempts": attempts})
 
     def _finish(self, reason: str, code: int, message: str) -> None:

@@ -45,3 +45,21 @@ def test_the_manifest_leaves_symbolic_links_out(tmp_path: Path) -> None:
     (run_dir / "metrics.csv").symlink_to(outside)
     paths = [entry["path"] for entry in ManifestBuilder(run_dir).entries()]
     assert paths == ["checkpoints/model_checkpoint_512_steps.zip"]
+
+
+def test_the_manifest_lists_only_artefacts_under_checkpoints_and_observations(
+        tmp_path: Path) -> None:
+    # An NFS silly-rename leftover or a note beside the checkpoints is not a checkpoint: listed,
+    # it would reach the fetch as one without a step.
+    run_dir = tmp_path / "run"
+    write_bytes(checkpoint_path(run_dir, 512), b"weights")
+    (run_dir / "checkpoints" / ".nfs000000000123abcd00000001").write_bytes(b"x")
+    (run_dir / "checkpoints" / "README.txt").write_text("notes")
+    (run_dir / "observations").mkdir()
+    (run_dir / "observations" / "obs_512_0.npy").write_bytes(b"x")
+    (run_dir / "observations" / "obs_512_0.npy.bak").write_bytes(b"x")
+    entries = ManifestBuilder(run_dir).entries()
+    assert [(e["path"], e["kind"], e["step"]) for e in entries] == [
+        ("checkpoints/model_checkpoint_512_steps.zip", "checkpoint", 512),
+        ("observations/obs_512_0.npy", "observation", 512),
+    ]

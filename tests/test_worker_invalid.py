@@ -40,7 +40,14 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("negative-steps", _write(_without_hash(total_timesteps=-5)), ("total_timesteps", ">= 1")),
     ("wrong-type", _write(_without_hash(n_envs="16")), ("n_envs", "int")),
     ("bool-for-int", _write(_without_hash(seed=True)), ("seed", "int")),
-    ("nan", _write('{"schema": 1, "learning_rate": NaN}'), ("learning_rate", "finite")),
+    ("nan", _write(json.dumps(_without_hash(learning_rate=float("nan")))),
+     ("learning_rate", "finite")),
+    ("huge-int-for-float", _write(_without_hash(learning_rate=10**400)),
+     ("learning_rate", "finite")),
+    ("rollout-too-large", _write(_without_hash(n_steps=10**9)), ("n_steps", "<=")),
+    ("fields-missing", _write({"schema": 1}), ("lacks", "total_timesteps", "seed")),
+    ("env-id-of-another-game", _write(_spec_dict(env_id="BreakoutNoFrameskip-v4")),
+     ("env_id", "Breakout")),
     ("unknown-field", _write(_without_hash(rm_rf="/")), ("unknown field", "rm_rf")),
     ("newer-schema", _write(_spec_dict(schema=99)), ("schema 99", "upgrade")),
     ("no-schema", _write({"game": "Pong"}), ("schema",)),
@@ -50,7 +57,6 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("binary", _write(b"\x00\xff\xfe" * 10), ("JSON",)),
     ("deeply-nested", _write("[" * 100_000 + "]" * 100_000), ("JSON",)),
     ("too-large", _write(" " * (2 << 20) + "{}"), ("bytes",)),
-    ("missing", lambda run_dir: None, ("missing",)),
 ]
 
 
@@ -74,8 +80,28 @@ def test_invalid_run_json_fails_with_one_clear_error(
     assert "\n" not in exit_info["message"] and exit_info["message"] in lines[0]
     for word in words:
         assert word in exit_info["message"]
-    # No training started: nothing but run.json (if any) and exit.json.
-    assert {p.name for p in run_dir.iterdir()} <= {"run.json", "exit.json"}
+    # No training started: nothing but run.json, exit.json and the worker's (empty) lock file.
+    assert {p.name for p in run_dir.iterdir()} <= {"run.json", "exit.json", ".worker.lock"}
+
+
+def test_a_directory_without_run_json_is_left_as_it_is(tmp_path: Path) -> None:
+    # Not a run directory (a typo'd path): one line, and no exit.json or lock file in it.
+    result = run_worker(tmp_path, timeout_s=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "holds no run.json" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_invalid_run_json_leaves_a_finished_runs_exit_json(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    done = {"schema": 1, "reason": "done", "exit_code": 0, "message": "trained", "timesteps": 8,
+            "attempt": 1}
+    (run_dir / "exit.json").write_text(json.dumps(done))
+    (run_dir / "run.json").write_text('{"schema": 1,')
+    result = run_worker(run_dir, timeout_s=60)
+    assert result.returncode == 2 and "invalid run.json" in result.stderr
+    assert json.loads((run_dir / "exit.json").read_text()) == done
 
 
 def test_missing_run_dir_is_one_error_line(tmp_path: Path) -> None:
@@ -85,11 +111,12 @@ def test_missing_run_dir_is_one_error_line(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_bad_deadline_is_refused_before_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deadline", ["tomorrow", "nan", "inf"])
+def test_bad_deadline_is_refused_before_training(tmp_path: Path, deadline: str) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _write(TINY_SPEC.to_dict())(run_dir)
-    result = run_worker(run_dir, env={"SATRL_DEADLINE": "tomorrow"}, timeout_s=60)
+    result = run_worker(run_dir, env={"SATRL_DEADLINE": deadline}, timeout_s=60)
     assert result.returncode == 2
     assert "SATRL_DEADLINE" in json.loads((run_dir / "exit.json").read_text())["message"]
     assert not (run_dir / "checkpoints").exists()
