@@ -7,9 +7,13 @@ come from the `trained_runs` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,46 @@ def make_run_dir(run_dir: Path, run_spec: RunSpec, *, checkpoints: tuple[int, ..
 
 def rewrite_manifest(run_dir: Path, final: bool = True) -> None:
     rundir.ManifestBuilder(run_dir).write(final=final)
+
+
+def list_in_manifest(run_dir: Path, relative: str, kind: str, content: bytes) -> None:
+    """Write `relative` and add it to manifest.json as `kind`, as an older worker listed every
+    file of checkpoints/ and observations/ (today's leaves out names that are none)."""
+    path = run_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    manifest = rundir.read_json(run_dir / rundir.MANIFEST_JSON)
+    manifest["files"].append({"path": relative, "kind": kind, "size": len(content),
+                              "sha256": rundir.sha256_file(path), "step": None})
+    rundir.write_json(run_dir / rundir.MANIFEST_JSON, manifest)
+
+
+@contextlib.contextmanager
+def fifo_rescue(fifo: Path, after_s: float = 10.0) -> Iterator[list[bool]]:
+    """Keep a test from hanging on `fifo`: from `after_s` on, a writer opens and closes it every
+    0.1 s, so that a reader blocked in open() goes on (and finds EOF). The list yielded is
+    non-empty afterwards when a reader had to be rescued: the code under test blocked."""
+    rescued: list[bool] = []
+    done = threading.Event()
+
+    def rescue() -> None:
+        if done.wait(after_s):
+            return
+        while not done.wait(0.1):
+            try:  # succeeds only while a reader has the FIFO open (or waits in open())
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            rescued.append(True)
+            os.close(fd)
+
+    thread = threading.Thread(target=rescue, daemon=True)
+    thread.start()
+    try:
+        yield rescued
+    finally:
+        done.set()
+        thread.join()
 
 
 def queue(registry: Registry, run_spec: RunSpec, run_dir: Path | None,

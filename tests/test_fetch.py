@@ -22,6 +22,8 @@ from orchestrator.cli import run
 from orchestrator.registry.db import Registry
 from orchestrator.settings import settings
 from tests.fetch_support import (
+    fifo_rescue,
+    list_in_manifest,
     make_run_dir,
     queue,
     rewrite_manifest,
@@ -395,3 +397,134 @@ def test_bulk_fetch_takes_the_last_checkpoint_and_goes_on_past_a_missing_run(
     rc, out = fetch_json(capsys, "--attn", "NA,SWA", "--finished-only")
     assert rc == 0 and [r["run"] for r in out["runs"]] == ["Pong/NA/0"]
     assert out["runs"][0]["copied"] == 0
+
+
+def test_stray_files_listed_as_checkpoints_are_per_file_problems_and_other_runs_go_on(
+        workspace: Path, reg: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    # An older worker listed every file of checkpoints/: an NFS silly-rename leftover, a README.
+    stray = ["checkpoints/.nfs000000000123abcd00000001", "checkpoints/README.txt",
+             "observations/notes.txt"]
+    for attn in ("NA", "SWA"):
+        run_spec = spec(attn=attn, seed=0)
+        run_dir = workspace / "runs" / "main" / "Pong" / attn / "0"
+        make_run_dir(run_dir, run_spec)
+        if attn == "NA":
+            for relative in stray:
+                list_in_manifest(run_dir, relative, relative.split("/")[0][:-1], b"left over")
+        queue(reg, run_spec, run_dir)
+
+    rc, out = fetch_json(capsys, "--all")
+    by_run = {r["run"]: r for r in out["runs"]}
+    assert rc == 1 and by_run["Pong/SWA/0"]["problems"] == 0 and by_run["Pong/SWA/0"]["copied"]
+    na = by_run["Pong/NA/0"]
+    problems = {f["path"]: f["problem"] for f in na["files"] if f["status"] == "problem"}
+    assert set(problems) == set(stray) and na["error"] is None
+    assert "not a checkpoint's" in problems["checkpoints/README.txt"]
+    assert "checkpoints/model_checkpoint_1024_steps.zip" in files_by_status(na, "copied")
+    assert na["evaluation_rows"] == 20  # the rest of the run is fetched and ingested
+    stored = store_tree(workspace / "store")
+    assert not any("nfs" in p or "README" in p or "notes" in p for p in stored)
+
+    # A person reading the text output: one line per stray file, no traceback.
+    capsys.readouterr()
+    assert run(["fetch", "Pong", "NA", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for relative in stray:
+        assert sum(relative in line for line in err.splitlines()) == 1
+
+
+def test_out_of_range_metrics_fail_the_content_check_and_are_not_stored(
+        synthetic: tuple[Path, int, np.ndarray], reg: Registry, workspace: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, run_id, _ = synthetic
+    text_ = (run_dir / "metrics.csv").read_text().splitlines()
+    text_[3] = "1e30" + text_[3][text_[3].index(","):]  # float-parsable, no SQL integer
+    (run_dir / "metrics.csv").write_text("\n".join(text_) + "\n")
+    rewrite_manifest(run_dir)
+    for attempt in range(2):  # and the next fetch says the same, no traceback
+        capsys.readouterr()
+        assert run(["fetch", "Pong", "CWCA", "42"]) == 1, attempt
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "metrics.csv: metrics.csv line 4: timesteps '1e30'" in err[0]
+        # The store does not hold what the registry could not take; the rest is fetched.
+        assert not (workspace / "store" / STORE_RUN / "metrics/metrics.csv").exists()
+        with reg.session() as session:
+            paths = set(session.scalars(text("SELECT path FROM artifacts WHERE run_id = :r"),
+                                        {"r": run_id}))
+            names = set(session.scalars(text(
+                "SELECT DISTINCT name FROM metrics WHERE run_id = :r"), {"r": run_id}))
+        assert len(paths) == 13 and not any(p.endswith("metrics.csv") for p in paths)
+        assert names == {"episode_score", "episode_frames"}  # the monitors' only
+
+
+def test_a_refused_ingestion_leaves_the_store_as_it_was(
+        synthetic: tuple[Path, int, np.ndarray], reg: Registry, workspace: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.store import ingest
+
+    run_dir, run_id, _ = synthetic
+
+    def refuse(*_args: object) -> int:
+        raise RuntimeError("the registry refuses the rows")
+
+    monkeypatch.setattr(ingest, "replace_metrics", refuse)
+    with pytest.raises(RuntimeError, match="refuses"):
+        run(["fetch", "Pong", "CWCA", "42"])
+    # Nothing was installed: store and registry still agree (on nothing).
+    assert store_tree(workspace / "store") == {}
+    assert table_rows(reg, "artifacts", run_id) == table_rows(reg, "evaluations", run_id) == []
+
+    monkeypatch.undo()
+    assert fetch_json(capsys, "Pong", "CWCA", "42")[0] == 0
+    assert len(table_rows(reg, "artifacts", run_id)) == 14
+
+
+def test_a_stored_copy_that_no_longer_parses_is_a_per_file_problem(
+        synthetic: tuple[Path, int, np.ndarray], reg: Registry, workspace: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # An older satrl, which checked less, stored a metrics.csv this one refuses; the run
+    # directory holds the same file and the final manifest vouches for it.
+    run_dir, run_id, _ = synthetic
+    assert fetch_json(capsys, "Pong", "CWCA", "42")[0] == 0
+    evaluations = table_rows(reg, "evaluations", run_id)
+    (run_dir / "metrics.csv").write_text("timesteps,loss\n256,0.5\n1e30,0.4\n")
+    rewrite_manifest(run_dir)
+    shutil.copyfile(run_dir / "metrics.csv", workspace / "store" / STORE_RUN /
+                    "metrics/metrics.csv")
+    capsys.readouterr()
+    assert run(["fetch", "Pong", "CWCA", "42"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.csv line 3: timesteps '1e30'" in err[0]
+    assert table_rows(reg, "evaluations", run_id) == evaluations  # the rest as it was
+
+
+def test_a_file_swapped_for_a_fifo_after_planning_is_a_per_file_problem(
+        synthetic: tuple[Path, int, np.ndarray], workspace: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.store import fetch as fetch_service
+    from orchestrator.store.sources import LocalSource
+
+    run_dir, _, _ = synthetic
+    fifo = rundir.observation_path(run_dir, 512, 0)
+
+    class SwappingSource(LocalSource):
+        """Replaces a planned file with a FIFO just before the copy reads it."""
+
+        def copy(self, run_dir_: str, relpaths: list[str], dest: Path,
+                 on_bytes: object = None) -> None:
+            relative = fifo.relative_to(run_dir).as_posix()
+            if relative in relpaths and not fifo.is_fifo():
+                fifo.unlink()
+                os.mkfifo(fifo)
+            super().copy(run_dir_, relpaths, dest, on_bytes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fetch_service, "open_source", lambda _settings: SwappingSource())
+    with fifo_rescue(fifo, after_s=5) as rescued:
+        rc, out = fetch_json(capsys, "Pong", "CWCA", "42")
+    assert not rescued, "the fetch blocked opening a FIFO"
+    (result,) = out["runs"]
+    problems = {f["path"]: f["problem"] for f in result["files"] if f["status"] == "problem"}
+    assert rc == 1 and set(problems) == {"observations/obs_512_0.npy"}
+    assert "not a regular file" in problems["observations/obs_512_0.npy"]
+    assert result["copied"] == 13

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,16 @@ from orchestrator.store.ingest import (
     read_monitor,
     read_provenance,
 )
-from orchestrator.store.layout import CheckpointChoice, parse_what, path_problem, store_relpath
+from orchestrator.store.layout import (
+    CheckpointChoice,
+    kind_of,
+    parse_what,
+    path_problem,
+    store_relpath,
+)
 from orchestrator.store.manifest import RunDirError, parse_manifest
 from orchestrator.store.sources import LocalSource, parse_list_only
+from tests.fetch_support import fifo_rescue
 
 SHA = "0" * 64
 
@@ -159,3 +167,79 @@ def test_a_hostile_entry_is_kept_flagged_not_refused_whole() -> None:
         {"path": "metrics.csv", "kind": "metrics", "size": 1, "sha256": SHA, "step": None},
     ]}).encode(), "run")
     assert [e.problem is None for e in manifest.entries] == [False, True]
+
+
+@pytest.mark.parametrize("path", ["checkpoints/.nfs000000000123abcd00000001",
+                                  "checkpoints/README.txt", "observations/notes.txt",
+                                  "checkpoints/model_checkpoint_x_steps.zip"])
+def test_a_name_that_is_no_checkpoint_or_dump_has_no_kind(path: str) -> None:
+    # Whatever the worker's rundir says: an older worker's manifest lists such files.
+    assert kind_of(path) is None
+    assert kind_of("checkpoints/model_checkpoint_512_steps.zip") == "checkpoint"
+    assert kind_of("observations/obs_512_1.npy") == "observation"
+
+
+@pytest.mark.parametrize("cell", ["1e30", "-256", "2.5", "nan", "1e12 1", "1000000000001"])
+def test_metrics_timesteps_out_of_range_fail_the_content_check(tmp_path: Path,
+                                                               cell: str) -> None:
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(f"timesteps,loss\n256,0.1\n{cell},0.2\n")
+    with pytest.raises(ContentError, match="metrics.csv line 3"):
+        read_metrics_csv(csv_path)
+    csv_path.write_text("timesteps,loss\n1e3,0.1\n2048.0,0.2\n1000000000000,0.3\n")
+    assert [t for t, _, _ in read_metrics_csv(csv_path)] == [1000, 2048, 10**12]
+
+
+def test_metric_names_the_registry_cannot_hold_fail_the_content_check(tmp_path: Path) -> None:
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(f"timesteps,{'x' * 65}\n256,0.1\n")
+    with pytest.raises(ContentError, match="column name"):
+        read_metrics_csv(csv_path)
+    csv_path.write_text("timesteps,,loss\n256,1,0.1\n")
+    with pytest.raises(ContentError, match="column name"):
+        read_metrics_csv(csv_path)
+
+
+@pytest.mark.parametrize("row", ["-21,1e30,1.0", "-21,-4,1.0", "-21,4.5,1.0", "nan,400,1.0",
+                                 "inf,400,1.0", "-21,999999999999,1.0\n-20,999999999999,2.0"])
+def test_monitor_lengths_and_rewards_out_of_range_fail_the_content_check(
+        tmp_path: Path, row: str) -> None:
+    monitor = tmp_path / "train_0.monitor.csv"
+    monitor.write_text(f'#{{"t_start": 1}}\nr,l,t\n{row}\n')
+    with pytest.raises(ContentError, match="train_0.monitor.csv row"):
+        read_monitor(monitor, n_envs=8, frame_skip=4)
+
+
+@pytest.mark.parametrize("arrays", [
+    dict(timesteps=np.array([512, 10**13]), results=np.ones((2, 1)),
+         ep_lengths=np.ones((2, 1), dtype=np.int64)),
+    dict(timesteps=np.array([2**64 - 1], dtype=np.uint64), results=np.ones((1, 1)),
+         ep_lengths=np.ones((1, 1), dtype=np.int64)),
+    dict(timesteps=np.array([-512]), results=np.ones((1, 1)),
+         ep_lengths=np.ones((1, 1), dtype=np.int64)),
+    dict(timesteps=np.array([512]), results=np.ones((1, 2)),
+         ep_lengths=np.array([[100, -1]])),
+    dict(timesteps=np.array([512]), results=np.ones((1, 1)),
+         ep_lengths=np.array([[2**31]])),
+    dict(timesteps=np.array([512]), results=np.array([[1 + 2j]]),
+         ep_lengths=np.ones((1, 1), dtype=np.int64)),
+], ids=["timestep_1e13", "timestep_uint64_max", "timestep_negative", "length_negative",
+        "length_over_int32", "complex_score"])
+def test_evaluations_out_of_range_fail_the_content_check(tmp_path: Path,
+                                                          arrays: dict) -> None:
+    with pytest.raises(ContentError, match="evaluations.npz"):
+        read_evaluations(_npz(tmp_path / "e.npz", **arrays))
+
+
+def test_local_copy_of_a_fifo_does_not_block_and_leaves_it_absent(tmp_path: Path) -> None:
+    # A file swapped for a FIFO between the listing and the copy: opening it to read would wait
+    # for a writer forever. fifo_rescue turns such a hang into a failure.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("timesteps\n")
+    os.mkfifo(run_dir / "evaluations.npz")
+    dest = tmp_path / "dest"
+    with fifo_rescue(run_dir / "evaluations.npz", after_s=5) as rescued:
+        LocalSource().copy(str(run_dir), ["evaluations.npz", "metrics.csv"], dest)
+    assert not rescued, "LocalSource.copy blocked opening a FIFO"
+    assert sorted(p.name for p in dest.iterdir()) == ["metrics.csv"]

@@ -7,8 +7,10 @@ and sha256; live files of a run still going (or killed) are copied as they are. 
 whose stored copy already matches is not copied again.
 
 Copies land in `<store>/.satrl-fetch/<random>/` (the store's filesystem, so the rename is atomic)
-and are renamed into place only after their checksum, size and content check out. A file that
-fails is reported and left out; the store keeps what it had; nothing half-copied stays behind.
+and are renamed into place only after their checksum, size and content check out, and only once
+the run's ingestion has accepted them (`stage_run`, then `StagedRun.install()` from fetch.py). A
+file that fails is reported and left out; the store keeps what it had; nothing half-copied stays
+behind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +89,10 @@ class FileTask:
 
 @dataclass
 class FileReport:
-    """What happened to one file: copied, unchanged (the store already had it) or a problem."""
+    """What happened to one file: copied, unchanged (the store already had it) or a problem.
+
+    "staged" is the state between verification and installation (see StagedRun).
+    """
 
     path: str
     status: str
@@ -143,6 +149,12 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
         kind = kind_of(entry.path) if entry.problem is None else None
         if entry.problem is not None:
             plan.reports.append(FileReport(entry.path, "problem", problem=entry.problem))
+        elif kind is None and entry.kind in kinds:
+            # Vouched for as an artefact, but its name is none (a stray `.nfs...` file in
+            # checkpoints/): it has no step and no store name. One file's problem, not the run's.
+            plan.reports.append(FileReport(entry.path, "problem", kind=entry.kind,
+                                           problem=f"listed as a {entry.kind}, but the name is "
+                                                   f"not a {entry.kind}'s: not fetched"))
         elif kind is None:
             continue  # status.json, logs: not fetched
         elif kind != entry.kind:
@@ -159,6 +171,11 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
                 tasks.append(_task(relative, kind, target, None, item.size_bytes))
     elif EXIT_JSON in listing:
         tasks.append(_task(EXIT_JSON, "exit", target, None, listing[EXIT_JSON].size_bytes))
+    # A path listed twice is one file: copied, verified and installed once (the first entry).
+    unique: dict[str, FileTask] = {}
+    for task in tasks:
+        unique.setdefault(task.source, task)
+    tasks = list(unique.values())
     tasks = _choose_checkpoints(tasks, checkpoints)
 
     for task in tasks:
@@ -177,31 +194,69 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
     return plan
 
 
-def execute_run(source: Source, plan: RunPlan, on_bytes: ProgressFn | None = None
-                ) -> list[FileReport]:
-    """Copy the plan's files to a temporary folder, verify each, rename the good ones in place."""
+@dataclass
+class StagedRun:
+    """A run's files copied and verified in the staging folder, not yet in the store.
+
+    Reports of verified copies have status "staged" until `install()` renames them into the
+    store ("copied"); a report can still turn into a problem before that (its content refused by
+    the ingestion), and is then never installed.
+    """
+
+    plan: RunPlan
+    reports: list[FileReport]
+    staged: dict[str, Path] = field(default_factory=dict)  # report path -> its staged copy
+
+    def path(self, report: FileReport) -> Path:
+        """Where a good file's content is now: its staged copy, else its stored one."""
+        if report.status == "staged":
+            return self.staged[report.path]
+        return self.plan.target.store_dir / str(report.target)
+
+    def install(self) -> None:
+        """Rename every staged copy still good into its place in the store (atomic per file)."""
+        for report in self.reports:
+            if report.status == "staged":
+                destination = self.plan.target.store_dir / str(report.target)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.staged[report.path], destination)
+                report.status = "copied"
+
+
+@contextlib.contextmanager
+def stage_run(source: Source, plan: RunPlan, on_bytes: ProgressFn | None = None
+              ) -> Iterator[StagedRun]:
+    """Copy the plan's files to a temporary folder and verify each; nothing enters the store
+    unless the caller calls `install()`, and what is left is deleted on the way out."""
     reports = list(plan.reports)
     if not plan.to_copy:
-        return reports
+        yield StagedRun(plan, reports)
+        return
     staging_root = plan.target.store_root / STAGING_DIR
     _remove_stale_staging(staging_root)
     staging = staging_root / f"{uuid.uuid4().hex}.tmp"
     staging.mkdir(parents=True)
     try:
         source.copy(plan.target.run_dir, [t.source for t in plan.to_copy], staging, on_bytes)
+        run = StagedRun(plan, reports)
         for task in plan.to_copy:
-            reports.append(_install(task, staging / task.source, plan))
+            report = _verify(task, staging / task.source, plan)
+            reports.append(report)
+            if report.status == "staged":
+                run.staged[report.path] = staging / task.source
+        yield run
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             staging_root.rmdir()  # only when no other fetch is using it
-    return reports
 
 
-def _install(task: FileTask, staged: Path, plan: RunPlan) -> FileReport:
+def _verify(task: FileTask, staged: Path, plan: RunPlan) -> FileReport:
+    """A staged copy's fate: "staged" (good, to install), "unchanged" or a problem."""
     report = FileReport(task.source, "problem", task.kind, task.target, step=task.step)
     if staged.is_symlink() or not staged.is_file():
-        report.problem = "missing: not found or unreadable at the source when copied"
+        report.problem = ("missing: not found, unreadable or not a regular file at the source "
+                          "when copied")
         return report
     size = staged.stat().st_size
     digest = sha256_file(staged)
@@ -224,9 +279,7 @@ def _install(task: FileTask, staged: Path, plan: RunPlan) -> FileReport:
     if expected is None and destination.is_file() and sha256_file(destination) == digest:
         report.status = "unchanged"  # a live file that has not changed since the last fetch
         return report
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, destination)
-    report.status = "copied"
+    report.status = "staged"
     return report
 
 

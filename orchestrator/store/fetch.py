@@ -1,8 +1,10 @@
 """`satrl fetch`: bring runs' results from their run directories into the store, verified, and
 make them queryable. The service the command calls: select runs, plan, copy, ingest.
 
-Each run is ingested in its own transaction after its files are in place; a run whose records
-are unreadable is reported and skipped (the others go on).
+Each run is ingested in its own transaction from its verified copies, and the copies are renamed
+into the store in that transaction, after its rows are written: a run whose ingestion fails
+leaves store and registry as they were, so that they do not disagree. A run whose records are
+unreadable is reported and skipped (the others go on).
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from orchestrator.registry.models import Experiment, Run, RunState
 from orchestrator.registry.queries import RunFilter
 from orchestrator.settings import Settings
 from orchestrator.store import ingest
-from orchestrator.store.copying import FileReport, RunPlan, RunTarget, execute_run, plan_run
+from orchestrator.store.copying import (
+    FileReport,
+    RunPlan,
+    RunTarget,
+    StagedRun,
+    plan_run,
+    stage_run,
+)
 from orchestrator.store.layout import CheckpointChoice
 from orchestrator.store.manifest import RunDirError
 from orchestrator.store.sources import Source, SourceError, source_from_settings
+
+MetricRows = list[tuple[int, str, float]]
 
 
 @dataclass(frozen=True)
@@ -146,28 +157,77 @@ def plan_fetch(source: Source, targets: list[RunTarget], request: FetchRequest,
 
 def run_fetch(registry: Registry, source: Source, plan: RunPlan,
               on_bytes: Callable[[int], None] | None = None) -> RunResult:
-    """Copy one planned run and ingest what its stored files now say."""
+    """Copy one planned run, ingest what its files say, and then put the copies in the store."""
     target = plan.target
     result = RunResult(target.run_id, target.key, target.experiment, source=plan.source,
                        store_dir=str(target.store_dir), exited=plan.exited)
     try:
-        result.files = execute_run(source, plan, on_bytes)
+        with stage_run(source, plan, on_bytes) as staged:
+            result.files = staged.reports
+            ingest_run(registry, staged, result)
     except SourceError as error:
         result.error, result.exit_code = str(error), error.exit_code
-        return result
-    ingest_run(registry, plan, result)
     return result
 
 
-def ingest_run(registry: Registry, plan: RunPlan, result: RunResult) -> None:
-    """One transaction: artefacts, evaluations, metrics and provenance of the run."""
-    target = plan.target
-    store_dir, root = target.store_dir, target.store_root
-    good = {f.kind: f for f in result.files if f.status in ("copied", "unchanged")
+@dataclass
+class RunContent:
+    """What a run's files say, parsed before anything is written or installed."""
+
+    evaluations: tuple[FileReport, ingest.Evaluations] | None = None
+    metrics: tuple[FileReport, list[str], MetricRows] | None = None
+    monitors: tuple[list[FileReport], MetricRows] | None = None
+    provenance: list[dict[str, Any]] | None = None
+
+
+def read_content(staged: StagedRun) -> RunContent:
+    """Parse every file the registry takes, from its staged copy or its stored one.
+
+    A file that does not parse becomes that file's problem and is neither ingested nor installed.
+    Staged copies passed the same readers already; a stored copy may not (an older satrl that
+    checked less stored it), and must not stop the run's other files.
+    """
+    spec, content = staged.plan.spec, RunContent()
+    good = {f.kind: f for f in staged.reports if f.status in ("staged", "unchanged")
             and f.kind in ("evaluations", "metrics", "provenance")}
-    monitors = [f for f in result.files if f.kind == "monitor" and f.target
+    monitors = [f for f in staged.reports if f.kind == "monitor" and f.target
                 and f.target.endswith(".monitor.csv") and f.target.rsplit("/", 1)[-1]
                 .startswith("train_")]
+
+    def parse(report: FileReport, reader: Callable[[Path], Any]) -> Any:
+        try:
+            return reader(staged.path(report))
+        except ingest.ContentError as error:
+            report.status, report.problem = "problem", str(error)
+            return None
+
+    if "evaluations" in good and (data := parse(good["evaluations"],
+                                                ingest.read_evaluations)) is not None:
+        content.evaluations = (good["evaluations"], data)
+    if "metrics" in good and (rows := parse(good["metrics"], ingest.read_metrics_csv)) is not None:
+        names = ingest.metrics_csv_names(staged.path(good["metrics"]))
+        content.metrics = (good["metrics"], names, rows)
+    if monitors and all(m.status != "problem" for m in monitors):
+        parsed = [parse(m, lambda path: ingest.read_monitor(path, spec.n_envs, spec.frame_skip))
+                  for m in monitors]
+        # The episodes' steps add up over the files: all of them, or none.
+        if all(rows is not None for rows in parsed):
+            content.monitors = (monitors, [row for rows in parsed for row in rows])
+    if "provenance" in good:
+        content.provenance = parse(good["provenance"], ingest.read_provenance)
+    return content
+
+
+def ingest_run(registry: Registry, staged: StagedRun, result: RunResult) -> None:
+    """One transaction: evaluations, metrics, provenance, the files into the store, artefacts.
+
+    The copies are installed after the rows are written and before the commit: rows that the
+    registry refuses leave the store as it was. (A failure while renaming leaves some verified
+    files in the store without rows; the next fetch finds them unchanged and ingests them.)
+    """
+    target = staged.plan.target
+    store_dir, root = target.store_dir, target.store_root
+    content = read_content(staged)
     with registry.write() as session:
         before = ingest.previous_artifacts(session, target.run_id)
 
@@ -175,31 +235,27 @@ def ingest_run(registry: Registry, plan: RunPlan, result: RunResult) -> None:
             row = before.get(_store_path(store_dir, root, report))
             return row is not None and row.sha256 == report.sha256
 
-        if "evaluations" in good:
-            report = good["evaluations"]
-            data = ingest.read_evaluations(store_dir / str(report.target))
+        if content.evaluations is not None:
+            report, data = content.evaluations
             if not (unchanged(report) and ingest.count_evaluations(session, target.run_id)
                     == data.results.size):
                 result.evaluations = ingest.replace_evaluations(session, target.run_id, data)
-        if "metrics" in good:
-            report = good["metrics"]
-            path = store_dir / str(report.target)
-            rows = ingest.read_metrics_csv(path)
-            names = ingest.metrics_csv_names(path)
+        if content.metrics is not None:
+            report, names, rows = content.metrics
             if not (unchanged(report) and ingest.count_metrics(session, target.run_id, names)
                     == len(rows)):
                 result.metrics = ingest.replace_metrics(session, target.run_id, names, rows)
-        if monitors and all(m.status != "problem" for m in monitors):
-            rows = [row for m in monitors for row in ingest.read_monitor(
-                store_dir / str(m.target), plan.spec.n_envs, plan.spec.frame_skip)]
+        if content.monitors is not None:
+            monitors, rows = content.monitors
             if not (all(unchanged(m) for m in monitors) and ingest.count_metrics(
                     session, target.run_id, ingest.MONITOR_METRICS) == len(rows)):
                 written = ingest.replace_metrics(session, target.run_id,
                                                  ingest.MONITOR_METRICS, rows)
                 result.metrics = (result.metrics or 0) + written
-        if "provenance" in good:
-            attempts = ingest.read_provenance(store_dir / str(good["provenance"].target))
-            result.attempts_recorded = ingest.record_provenance(session, target.run_id, attempts)
+        if content.provenance is not None:
+            result.attempts_recorded = ingest.record_provenance(session, target.run_id,
+                                                                content.provenance)
+        staged.install()
         stored = [ingest.StoredFile(_store_path(store_dir, root, f), str(f.kind), f.size_bytes,
                                     str(f.sha256), f.step)
                   for f in result.files if f.status in ("copied", "unchanged")]

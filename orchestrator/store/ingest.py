@@ -27,6 +27,14 @@ from orchestrator.registry.models import Artifact, Evaluation, Job, Metric, utcn
 
 #: Metric names of the training monitor's episodes (raw game score, frames of the full game).
 MONITOR_METRICS = ("episode_score", "episode_frames")
+#: Bound on a step count or an episode's frames read from a file: far above any study (a paper
+#: run is 10M steps), far below what the registry's BIGINT columns hold, so that a corrupt value
+#: (1e30) fails the content check instead of the database insert after the file was stored.
+MAX_TIMESTEPS = 10**12
+#: evaluations.length is a 32-bit INTEGER column (in PostgreSQL; SQLite does not care).
+MAX_EPISODE_LENGTH = 2**31 - 1
+#: metrics.name is a VARCHAR of this length (PostgreSQL refuses a longer name).
+MAX_METRIC_NAME_CHARS = 64
 
 
 class ContentError(ValueError):
@@ -72,13 +80,35 @@ def read_evaluations(path: Path) -> Evaluations:
         raise ContentError(f"evaluations.npz: ep_lengths {lengths.shape} != results "
                            f"{results.shape}")
     if not (np.issubdtype(timesteps.dtype, np.integer) and np.issubdtype(lengths.dtype, np.integer)
-            and np.issubdtype(results.dtype, np.number)):
+            and (np.issubdtype(results.dtype, np.integer)
+                 or np.issubdtype(results.dtype, np.floating))):
         raise ContentError("evaluations.npz: timesteps and ep_lengths must be integers, results "
-                           "numbers")
+                           "real numbers")
     if not np.isfinite(results).all():
         raise ContentError("evaluations.npz: results hold NaN or infinite scores")
+    # Checked on the file's own dtype: a uint64 above 2**63 would wrap when cast to int64.
+    _check_range(timesteps, "timesteps", MAX_TIMESTEPS)
+    _check_range(lengths, "ep_lengths", MAX_EPISODE_LENGTH)
     return Evaluations(timesteps.astype(np.int64), results.astype(np.float64),
                        lengths.astype(np.int64))
+
+
+def _check_range(values: np.ndarray, name: str, limit: int) -> None:
+    if values.size and (values.min() < 0 or values.max() > limit):
+        raise ContentError(f"evaluations.npz: {name} outside 0 ... {limit:,} (min "
+                           f"{values.min()}, max {values.max()})")
+
+
+def _whole_number(cell: str, name: str, limit: int) -> int:
+    """A step count or frame count from a CSV cell; ValueError unless a whole number 0 ... limit.
+
+    `1e3` and `256.0` are taken (they are what a float formatter writes); 1e30, -1, 2.5, inf
+    and nan are not: no file of the contract holds them, and the registry could not store 1e30.
+    """
+    value = float(cell)
+    if not (math.isfinite(value) and value.is_integer() and 0 <= value <= limit):
+        raise ValueError(f"{name} {cell.strip()!r} is not a whole number from 0 to {limit:,}")
+    return int(value)
 
 
 def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
@@ -97,6 +127,10 @@ def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
         raise ContentError("metrics.csv must start with a header whose first column is "
                            "'timesteps'")
     names = header[1:]
+    for name in names:
+        if not 0 < len(name) <= MAX_METRIC_NAME_CHARS:
+            raise ContentError(f"metrics.csv: column name {name[:80]!r} must have 1 to "
+                               f"{MAX_METRIC_NAME_CHARS} characters")
     out: list[tuple[int, str, float]] = []
     for line_no, row in enumerate(reader, start=2):
         if not row:
@@ -105,9 +139,9 @@ def read_metrics_csv(path: Path) -> list[tuple[int, str, float]]:
             raise ContentError(f"metrics.csv line {line_no}: {len(row)} fields, header has "
                                f"{len(header)}")
         try:
-            timestep = int(float(row[0]))
+            timestep = _whole_number(row[0], "timesteps", MAX_TIMESTEPS)
             values = [float(cell) if cell.strip() else math.nan for cell in row[1:]]
-        except (ValueError, OverflowError) as error:  # int(float("inf")) overflows
+        except ValueError as error:
             raise ContentError(f"metrics.csv line {line_no}: {error}") from None
         # SQLite has no NaN (it would store NULL): an absent value is no row.
         out.extend((timestep, name, value) for name, value in zip(names, values, strict=True)
@@ -143,13 +177,20 @@ def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, st
         if row.get("r") == "r":  # a header repeated by an appending Monitor
             continue
         try:
-            score, frames = float(row["r"]), int(float(row["l"]))
-        except (TypeError, ValueError, OverflowError):
-            raise ContentError(f"{path.name} row {line_no}: r and l must be numbers") from None
+            score = float(row["r"])
+            frames = _whole_number(row["l"], "l", MAX_TIMESTEPS)
+        except (TypeError, ValueError) as error:  # TypeError: a short row's missing cell
+            detail = str(error) if isinstance(error, ValueError) else "r and l must be numbers"
+            raise ContentError(f"{path.name} row {line_no}: {detail}") from None
+        if not math.isfinite(score):
+            raise ContentError(f"{path.name} row {line_no}: r {row['r']!r} is not a finite "
+                               "score")
         frames_total += frames
         timestep = round(frames_total / frame_skip) * n_envs
-        if math.isfinite(score):
-            out.append((timestep, MONITOR_METRICS[0], score))
+        if timestep > MAX_TIMESTEPS:
+            raise ContentError(f"{path.name} row {line_no}: the episodes add up to step "
+                               f"{timestep:,}, beyond {MAX_TIMESTEPS:,}")
+        out.append((timestep, MONITOR_METRICS[0], score))
         out.append((timestep, MONITOR_METRICS[1], float(frames)))
     return out
 

@@ -90,15 +90,12 @@ class LocalSource(Source):
             # A parent swapped for a link after the listing would lead elsewhere: refuse it.
             if os.path.realpath(source.parent) != os.path.join(top, *relative.split("/")[:-1]):
                 continue
-            try:
-                fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:  # missing, a link (ELOOP), unreadable: stays absent
+            fd = _open_regular(source)
+            if fd is None:
                 continue
             target = dest / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
             with os.fdopen(fd, "rb") as reader:
-                if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
-                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with target.open("wb") as writer:
                     while chunk := reader.read(_CHUNK_BYTES):
                         writer.write(chunk)
@@ -203,6 +200,30 @@ def parse_list_only(text: str) -> dict[str, SourceFile]:
             name = name.split(" -> ", 1)[0]
         found[name] = SourceFile(kind, size)
     return found
+
+
+def _open_regular(path: Path) -> int | None:
+    """A read descriptor of `path` if it is a regular file now; None: missing, a link, unreadable,
+    or something else (a FIFO, a device).
+
+    The listing said "file", but the entry can be swapped before the copy. O_NONBLOCK makes
+    opening a FIFO return at once instead of waiting forever for a writer; the type is then
+    checked on the descriptor itself, so nothing can change between the check and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # missing, a link (ELOOP), unreadable: stays absent
+        return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            os.set_blocking(fd, True)  # plain blocking reads from here on
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _type(mode: int) -> str:
