@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -301,8 +302,11 @@ class CheckpointCallback(EveryStepsCallback):
 class ObservationDumpCallback(EveryStepsCallback):
     """Every `every_steps`, `count` stacked training observations as (1, 4, 84, 84) uint8 .npy.
 
-    Taken from the training envs' new observations at the crossing step (one per env), continued
-    over the next steps when `count` exceeds n_envs; named obs_<crossing step>_<k>, k from 0.
+    Taken from the training envs' new observations at the crossing step (one per env), then,
+    when `count` exceeds n_envs, from the steps just before it (kept in a small ring), newest
+    first: the whole dump is written in one step, so neither a stop nor the end of training
+    can cut it. Only an attempt that crosses within its first few steps continues over the next
+    ones. Named obs_<crossing step>_<k>, k from 0.
     """
 
     def __init__(self, run_dir: Path, every_steps: int, count: int) -> None:
@@ -311,23 +315,38 @@ class ObservationDumpCallback(EveryStepsCallback):
         self.count = count
         self._dumping: int | None = None
         self._next_k = 0
+        self._recent: deque[np.ndarray] = deque()
 
     def _on_step(self) -> bool:
         if self.count <= 0:
             return True
-        if self._crossed():
+        crossed = self._crossed()
+        # Earlier steps a dump may need (none in the paper: 10 observations of 16 envs).
+        steps_kept = -(-self.count // self.model.n_envs) - 1
+        if not (crossed or self._dumping is not None or steps_kept > 0):
+            return True  # the fast engine's new_obs lives on the device: read it only when used
+        # SB3's rollout loop passes its locals to callbacks; new_obs is the documented batch of
+        # observations after the step, already frame-stacked and channel-first.
+        new_obs = np.asarray(self.locals["new_obs"])
+        if crossed:
             self._dumping, self._next_k = self.model.num_timesteps, 0
-        if self._dumping is not None:
-            # SB3's rollout loop passes its locals to callbacks; new_obs is the documented batch
-            # of observations after the step, already frame-stacked and channel-first.
-            new_obs = np.asarray(self.locals["new_obs"])
-            for i in range(new_obs.shape[0]):
-                if self._next_k >= self.count:
-                    break
-                self._save(new_obs[i : i + 1])
-            if self._next_k >= self.count:
-                self._dumping = None
+            for batch in (new_obs, *reversed(self._recent)):
+                self._save_batch(batch)
+        elif self._dumping is not None:
+            self._save_batch(new_obs)
+        if self._dumping is not None and self._next_k >= self.count:
+            self._dumping = None
+        if steps_kept > 0:
+            self._recent.append(new_obs.copy())
+            while len(self._recent) > steps_kept:
+                self._recent.popleft()
         return True
+
+    def _save_batch(self, batch: np.ndarray) -> None:
+        for i in range(batch.shape[0]):
+            if self._next_k >= self.count:
+                return
+            self._save(batch[i : i + 1])
 
     def _save(self, obs: np.ndarray) -> None:
         assert self._dumping is not None

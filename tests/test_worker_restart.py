@@ -13,6 +13,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
@@ -161,3 +162,17 @@ def test_sigterm_while_the_worker_starts_ends_with_this_attempts_exit_json(
     exit_info = _json(run_dir / "exit.json")
     assert (exit_info["reason"], exit_info["attempt"]) == ("signal", 2)
     assert exit_info["timesteps"] == 512 and "SIGTERM" in exit_info["message"]
+
+
+def test_a_dump_of_more_observations_than_envs_is_whole_even_at_the_last_step(
+        tmp_path: Path) -> None:
+    # 6 observations of 2 envs: the crossing step's and the two steps' before it, written at
+    # once (continuing over later steps would cut the dump at 1024, where training ends).
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, TINY_SPEC.replace(obs_dump_count=6, eval_every_steps=TOTAL))
+    result = run_worker(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dumps = sorted(p.name for p in (run_dir / "observations").iterdir())
+    assert dumps == sorted(f"obs_{s}_{k}.npy" for s in (512, TOTAL) for k in range(6))
+    first = np.load(run_dir / "observations" / "obs_1024_0.npy")
+    assert first.shape == (1, 4, 84, 84) and first.dtype == np.uint8
