@@ -172,6 +172,47 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def monitor_step(frames_total: int, n_envs: int, frame_skip: int) -> int:
+    """The agent step at which a training env's episode ends, from its env's frames so far.
+
+    The Monitor sits inside the AtariWrapper, so a monitor CSV's `l` counts emulator frames of
+    one env; the envs step in lockstep, so F frames of one env are near agent step
+    F / frame_skip x n_envs (summed over envs, like every step count of the study).
+    """
+    return round(frames_total / frame_skip) * n_envs
+
+
+def trim_monitor(path: Path, step: int, n_envs: int, frame_skip: int) -> int:
+    """Drop a training monitor CSV's episodes that end after agent step `step` (a resume
+    point): the attempt that played them was cut, and the next one plays that stretch again.
+    Returns the episodes dropped; the file is rewritten (atomically) only when it changes."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0  # nothing readable to trim; the fetch reports a broken file
+    lines = complete_lines(text).splitlines(keepends=True)
+    kept, frames_total, dropped = [], 0, 0
+    for line in lines:
+        cells = line.strip().split(",")
+        if line.startswith("#") or cells[:2] == ["r", "l"] or len(cells) < 2:
+            kept.append(line)
+            continue
+        try:
+            frames = int(float(cells[1]))
+        except ValueError:
+            kept.append(line)
+            continue
+        if monitor_step(frames_total + frames, n_envs, frame_skip) > step:
+            dropped += 1
+            continue
+        frames_total += frames
+        kept.append(line)
+    # A line cut by the kill goes too: the next attempt's Monitor appends to this file.
+    if dropped or (text and not text.endswith("\n")):
+        write_bytes(path, "".join(kept).encode())
+    return dropped
+
+
 def file_kind(relative: str) -> str | None:
     """The manifest kind of a file by its relative posix path; None for files left out."""
     top, _, rest = relative.partition("/")

@@ -445,11 +445,12 @@ class Worker:
         # checkpoint's own step describes an update the checkpoint does not hold.
         kept_rows_until = step if step >= spec.total_timesteps else step - 1
         dropped = (history.drop_after(step), metrics.drop_after(kept_rows_until),
-                   self._drop_dumps_after(step))
+                   self._drop_dumps_after(step), self._trim_monitors(step))
         print(f"satrl worker: {run_dir} attempt {self.attempt}: "
               + (f"resuming from step {step}" if resumed is not None else "starting from step 0")
-              + (f"; dropped {dropped[0]} evaluations, {dropped[1]} metrics rows and "
-                 f"{dropped[2]} observation dumps newer than that" if any(dropped) else ""),
+              + (f"; dropped {dropped[0]} evaluations, {dropped[1]} metrics rows, "
+                 f"{dropped[2]} observation dumps and {dropped[3]} training episodes newer "
+                 "than that" if any(dropped) else ""),
               flush=True)
 
         # A resumed attempt gets fresh env seeds, so that it does not replay attempt 1's episodes.
@@ -558,6 +559,11 @@ class Worker:
         if model.num_timesteps != step:
             raise WorkerError(f"checkpoint {path.name} holds num_timesteps="
                                f"{model.num_timesteps}, not the {step} of its name")
+
+    def _trim_monitors(self, step: int) -> int:
+        folder = self.run_dir / rundir.MONITOR_DIR
+        return sum(rundir.trim_monitor(path, step, self.spec.n_envs, self.spec.frame_skip)
+                   for path in sorted(folder.glob("train_*.monitor.csv")))
 
     def _drop_dumps_after(self, step: int) -> int:
         folder = self.run_dir / rundir.OBSERVATIONS_DIR

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agents.rundir import ManifestBuilder, checkpoint_path, verify_manifest, write_bytes
+from agents.rundir import (
+    ManifestBuilder,
+    checkpoint_path,
+    monitor_step,
+    trim_monitor,
+    verify_manifest,
+    write_bytes,
+)
 
 
 def test_a_rewritten_checkpoint_of_equal_size_and_mtime_is_hashed_again(tmp_path: Path) -> None:
@@ -63,3 +70,21 @@ def test_the_manifest_lists_only_artefacts_under_checkpoints_and_observations(
         ("checkpoints/model_checkpoint_512_steps.zip", "checkpoint", 512),
         ("observations/obs_512_0.npy", "observation", 512),
     ]
+
+
+def test_trim_monitor_drops_the_episodes_after_the_resume_point(tmp_path: Path) -> None:
+    # 2 envs, frame skip 4: an episode of 400 frames of one env ends near agent step 200.
+    path = tmp_path / "train_0.monitor.csv"
+    header = '#{"t_start": 1.0, "env_id": "PongNoFrameskip-v4"}\nr,l,t\n'
+    episodes = ["1.0,400,1.0\n", "2.0,400,2.0\n", "r,l,t\n", "3.0,400,3.0\n", "4.0,4"]
+    path.write_text(header + "".join(episodes))
+    assert monitor_step(800, n_envs=2, frame_skip=4) == 400
+    # Resuming from step 400: the episodes ending at 200 and 400 stay, the one at 600 goes (the
+    # unterminated last line is not an episode yet, and goes too).
+    assert trim_monitor(path, 400, n_envs=2, frame_skip=4) == 1
+    assert path.read_text() == header + "1.0,400,1.0\n2.0,400,2.0\nr,l,t\n"
+    assert trim_monitor(path, 400, n_envs=2, frame_skip=4) == 0  # idempotent
+    # A line cut by a kill goes even when no episode does: the next Monitor appends after it.
+    path.write_text(header + "1.0,400,1.0\n2.0,4")
+    assert trim_monitor(path, 10_000, n_envs=2, frame_skip=4) == 0
+    assert path.read_text() == header + "1.0,400,1.0\n"

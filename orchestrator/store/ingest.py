@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from agents.rundir import complete_lines
+from agents.rundir import complete_lines, monitor_step
 from orchestrator.registry.models import Artifact, Evaluation, Job, Metric, utcnow
 
 #: Metric names of the training monitor's episodes (raw game score, frames of the full game).
@@ -155,12 +155,8 @@ def metrics_csv_names(path: Path) -> list[str]:
 
 
 def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, str, float]]:
-    """A training env's monitor episodes as (timestep, name, value).
-
-    The Monitor sits inside the AtariWrapper, so `l` counts emulator frames of one env. The
-    envs step in lockstep, so an episode that ends after F frames of its env ends near agent step
-    F / frame_skip x n_envs (summed over envs, like every step count of the study).
-    """
+    """A training env's monitor episodes as (timestep, name, value), stamped by
+    agents.rundir.monitor_step (the worker trims them on resume by the same arithmetic)."""
     try:
         lines = complete_lines(path.read_text()).splitlines()
     except UnicodeDecodeError:
@@ -186,7 +182,7 @@ def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, st
             raise ContentError(f"{path.name} row {line_no}: r {row['r']!r} is not a finite "
                                "score")
         frames_total += frames
-        timestep = round(frames_total / frame_skip) * n_envs
+        timestep = monitor_step(frames_total, n_envs, frame_skip)
         if timestep > MAX_TIMESTEPS:
             raise ContentError(f"{path.name} row {line_no}: the episodes add up to step "
                                f"{timestep:,}, beyond {MAX_TIMESTEPS:,}")
