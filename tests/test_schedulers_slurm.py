@@ -188,7 +188,7 @@ def test_squeue_line_that_is_not_a_job_is_a_scheduler_error(
                 as caught:
             call()
         message = str(caught.value)
-        assert "\n" not in message and "[command: squeue --me" in message
+        assert "\n" not in message and "[command: squeue -h" in message
         assert output.decode().splitlines()[-1][:40] in message
 
 
@@ -220,3 +220,21 @@ def test_sbatch_max_running_is_checked(tmp_path: Path, value: object, message: s
                                                                          Resources()))
     assert "--array=0-2%3" in command
     assert "--array=0-2" in SlurmScheduler({}).submit_command(_batch(tmp_path, 3, Resources()))
+
+
+def test_poll_sees_jobs_that_another_user_of_a_shared_registry_submitted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm's squeue shows only your own jobs with --me; a colleague's status must see yours."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" --me "*|*" -u "*|*" --user"*) mine=1 ;; *) mine=0 ;; esac\n'
+        "echo '12_0|RUNNING|node1|satrl-mine|None'\n"
+        "[ $mine = 1 ] || echo '40_3|PENDING||satrl-colleague|Priority'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    reply = SlurmScheduler({}).poll(["12_0", "40_3"])
+    assert {job_id: status.state for job_id, status in reply.jobs.items()} == {
+        "12_0": JobState.RUNNING, "40_3": JobState.PENDING}

@@ -76,7 +76,9 @@ class SlurmScheduler(Scheduler):
         to contact slurm controller"): skipping such a line would read as "no jobs", and every
         run would go lost after the grace period.
         """
-        command = ["squeue", "--me", "-h", "-r", "-t", "all", *extra, "-o", SQUEUE_FORMAT]
+        # Every user's jobs, not --me: with a lab's shared registry, a colleague's satrl status
+        # reconciles runs that you dispatched, and would take your jobs for lost.
+        command = ["squeue", "-h", "-r", "-t", "all", *extra, "-o", SQUEUE_FORMAT]
         completed = run_command(command)
         rows = []
         for line in completed.stdout.splitlines():
