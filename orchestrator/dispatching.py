@@ -13,7 +13,10 @@ A crash between 3 and 4 leaves jobs rows with a token and no id. The next dispat
 found and the run directory shows no sign of the job, the runs go back to queued. A failed
 submission (a refusal, a timeout) is looked up by name at once the same way: found, its ids are
 recorded; not found, the runs go back to queued with an event saying why; the scheduler not
-answering, the claim stays for the next recovery. Dispatches of one
+answering, the claim stays for the next recovery. A submit command that could not even be started
+(not installed, not executable) submitted nothing: the runs go back to queued at once. A recovery
+whose scheduler cannot be asked leaves that backend's batches pending with a warning and goes on,
+so that one unreachable scheduler blocks no dispatch or cancel of other runs. Dispatches of one
 workspace are serialised by a file lock, so recovery never mistakes a submission in flight for a
 crashed one.
 """
@@ -24,8 +27,9 @@ import contextlib
 import math
 import os
 import secrets
+import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +47,13 @@ from orchestrator.registry.models import Event, Experiment, Job, Run, RunState, 
 from orchestrator.registry.queries import RunFilter, select_runs
 from orchestrator.resources import Resources, resolve_resources
 from orchestrator.schedulers import batches_folder, get_scheduler, python_interpreter
-from orchestrator.schedulers.base import Batch, BatchMember, Scheduler, config_number
+from orchestrator.schedulers.base import (
+    Batch,
+    BatchMember,
+    CommandNotStarted,
+    Scheduler,
+    config_number,
+)
 
 #: Largest array by default (Slurm's default MaxArraySize is 1001; PBS's max_array_size 10000).
 DEFAULT_MAX_ARRAY = 1000
@@ -85,6 +95,8 @@ class DispatchResult:
     batches: list[PlannedBatch]
     dry_run: bool
     recovered: int = 0
+    #: Why interrupted dispatches could not be recovered (also warned on stderr).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def run_ids(self) -> list[int]:
@@ -92,6 +104,7 @@ class DispatchResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "dry_run": self.dry_run, "recovered": self.recovered,
+                "warnings": self.warnings,
                 "resources": self.resources.to_json(), "runs": len(self.run_ids),
                 "batches": [b.to_json() for b in self.batches]}
 
@@ -178,9 +191,10 @@ def dispatch(registry: Registry, settings: Any, request: DispatchRequest, *,
     with registry.session() as session:
         check_walltime(resources, list(session.scalars(queued_runs(request))))
     with dispatch_lock(settings, registry=registry):
-        recovered = 0 if dry_run else recover_pending(registry, settings)
+        recovery = Recovery() if dry_run else recover_pending(registry, settings)
         planned = plan_batches(registry, settings, scheduler, resources, request)
-        result = DispatchResult(backend, resources, planned, dry_run, recovered)
+        result = DispatchResult(backend, resources, planned, dry_run, recovery.recovered,
+                                list(recovery.skipped.values()))
         if dry_run:
             return result
         for index, batch in enumerate(planned):
@@ -333,6 +347,13 @@ def submit_batch(registry: Registry, scheduler: Scheduler, planned: PlannedBatch
         raise
     try:
         submission = scheduler.submit(batch)
+    except CommandNotStarted as error:
+        # The submit command never ran (not installed, not executable): certainly nothing was
+        # submitted, and asking the scheduler (whose tools are likely missing too) is moot.
+        released = release_claim(registry, batch.token, f"submission failed: {error.reason}")
+        raise CommandNotStarted(f"{error.reason} (nothing was submitted: {len(released)} "
+                                "run(s) stay queued)", command=error.command,
+                                script=error.script) from None
     except (SatrlError, OSError) as error:
         # A timeout (or an answer we could not read) does not say the scheduler refused the
         # job: look for it by name before putting the runs back in the queue.
@@ -447,10 +468,31 @@ def release_claim(registry: Registry, token: str, why: str) -> list[int]:
     return released
 
 
-def recover_pending(registry: Registry, settings: Any) -> int:
+@dataclass
+class Recovery:
+    """What one recover_pending did."""
+
+    #: Runs whose interrupted submission was finished (ids recorded) or undone (queued again).
+    recovered: int = 0
+    #: backend -> the line reported for it: its scheduler could not be asked, so its pending
+    #: batches stay as they are.
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def warn_line(message: str) -> None:
+    """A warning as one line on stderr, for callers whose result has no place for it."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def recover_pending(registry: Registry, settings: Any, *,
+                    report: Callable[[str], None] = warn_line) -> Recovery:
     """Finish or undo submissions interrupted by a crash (jobs rows with a token, no id).
 
-    Call it holding the dispatch lock. Returns how many runs were recovered either way.
+    Call it holding the dispatch lock. A backend whose scheduler cannot be asked (its query
+    command missing, failing or timing out) is skipped with one line to `report`: its batches
+    stay pending, which is safe (their runs stay claimed, so no dispatch takes them again, and
+    the next recovery asks again), where an error would block every dispatch and cancel of
+    unrelated runs, on every backend, until that scheduler answers.
     """
     later = aliased(Job)
     newest = select(func.max(later.id)).where(later.run_id == Job.run_id).scalar_subquery()
@@ -462,30 +504,38 @@ def recover_pending(registry: Registry, settings: Any) -> int:
             .where(Job.job_id.is_(None), Job.batch.is_not(None), Job.ended_at.is_(None),
                    Job.id == newest,
                    Run.state.in_([RunState.SUBMITTED.value, RunState.RUNNING.value]))))
+    recovery = Recovery()
     if not pending:
-        return 0
+        return recovery
     by_backend: dict[str, set[str]] = {}
     for token, backend, *_ in pending:
         by_backend.setdefault(backend, set()).add(token)
-    recovered = 0
     for backend, tokens in by_backend.items():
         sizes = {token: sum(1 for row in pending if row[0] == token) for token in tokens}
-        found = get_scheduler(backend, settings).find_by_names(sorted(tokens), sizes)
+        try:
+            found = get_scheduler(backend, settings).find_by_names(sorted(tokens), sizes)
+        except SatrlError as error:
+            recovery.skipped[backend] = (
+                f"interrupted batch(es) {', '.join(sorted(tokens))} on {backend} stay pending "
+                f"(their runs stay submitted): {error}; the next dispatch, sync or status "
+                "looks for them again")
+            report(recovery.skipped[backend])
+            continue
         for token in tokens:
             members = found.get(token)
             if members:
                 array_id = _array_id(backend, [members[i] for i in sorted(members)])
-                recovered += record_submission(registry, token, members, array_id)
+                recovery.recovered += record_submission(registry, token, members, array_id)
             elif not any(row[5] == RunState.RUNNING.value for row in pending
                          if row[0] == token) \
                     and not _shows_activity([(row[4], row[2]) for row in pending
                                              if row[0] == token]):
                 # Unlisted and no sign of it ran: never submitted. Otherwise its runs stay and
                 # reconcile loses them after the grace period (they have no id to ask about).
-                recovered += len(release_claim(
+                recovery.recovered += len(release_claim(
                     registry, token, f"batch {token} never reached the {backend} scheduler "
                     "(dispatch was interrupted); queued again"))
-    return recovered
+    return recovery
 
 
 def _array_id(backend: str, ids: list[str]) -> str | None:

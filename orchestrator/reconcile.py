@@ -16,6 +16,7 @@ One round (`satrl status`, `satrl sync`, each tick of `--watch` and `dispatch --
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -71,7 +72,8 @@ class ReconcileResult:
     unreadable: dict[str, str] = field(default_factory=dict)
     requeued: list[int] = field(default_factory=list)
     recovered: int = 0
-    #: Scheduler failures: the round went on with the run directories alone.
+    #: What the round went past: scheduler failures (it went on with the run directories
+    #: alone) and values of run-directory files it could not use (read as absent).
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -131,13 +133,16 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
 
     result = ReconcileResult()
     recovered_all = False
+    unasked: dict[str, str] = {}  # backends recovery could not ask (their claims stay pending)
     with dispatch_lock(settings, blocking=False, registry=registry) as locked:
         if locked:
             try:
-                result.recovered = recover_pending(registry, settings)
-                recovered_all = True
+                recovery = recover_pending(registry, settings, report=result.errors.append)
             except SatrlError as error:
                 result.errors.append(f"recovering interrupted dispatches: {error}")
+            else:
+                result.recovered, unasked = recovery.recovered, recovery.skipped
+                recovered_all = True
     now = time.time() if now is None else now
     grace_s = float(config_number(settings.section("dispatch"), "lost_grace_s",
                                   DEFAULT_LOST_GRACE_S, "satrl.toml [dispatch]", kind=float))
@@ -148,12 +153,14 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
     decisions: list[_Round] = []
     for run in tracked:
         answer = answers.get(run.job_pk, NO_ANSWER)
-        if recovered_all and run.job_id is None and run.state.is_active():
+        if recovered_all and run.backend not in unasked and run.job_id is None \
+                and run.state.is_active():
             # Recovery asked the scheduler for its batch by name and it was not listed: like
             # an omitted job, lost once the grace period since the claim or the last heartbeat
-            # has passed. (While a dispatch holds the lock, its claims are left alone.)
+            # has passed. (While a dispatch holds the lock, its claims are left alone; so are
+            # those of a scheduler recovery could not ask.)
             answer = Answer(SchedulerView(True, None))
-        files = read_files(run.run_dir, run.submitted_at)
+        files = read_files(run.run_dir, run.submitted_at, problems=result.errors)
         since = max(run.seen_at or 0.0, run.submitted_at)
         decision = lifecycle.decide(run.state, files, answer.view, now=now, since=since,
                                     grace_s=grace_s)
@@ -282,8 +289,37 @@ def _poll(registry: Registry, settings: Any, tracked: list[_Tracked], result: Re
     return answers
 
 
-def read_files(run_dir: str | None, submitted_at: float) -> FileView:
-    """exit.json and status.json of a run directory, as far as they belong to this job."""
+#: Epoch seconds a time in a run-directory file must lie between (2000-01-01 and 2200-01-01
+#: UTC): anything else is a corrupt or hand-edited value, and some (1e20, Infinity) would crash
+#: the conversion to a stored datetime, for every run of the round.
+EARLIEST_FILE_TIME_S = 946_684_800
+LATEST_FILE_TIME_S = 7_258_118_400
+#: The exit codes the registry can store (a 32-bit INTEGER on PostgreSQL), inclusive.
+EXIT_CODE_MIN, EXIT_CODE_MAX = -2**31, 2**31 - 1
+
+
+def is_exit_code(value: Any) -> bool:
+    """Whether `value` is a whole number the jobs table can hold as an exit status."""
+    return isinstance(value, int) and not isinstance(value, bool) \
+        and EXIT_CODE_MIN <= value <= EXIT_CODE_MAX
+
+
+def file_time(value: Any) -> float | None:
+    """An epoch time read from a file, or None unless it is a number in 2000..2200."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    # Compared before any float(): NaN and Infinity fail it, and so does a huge int.
+    return float(value) if EARLIEST_FILE_TIME_S <= value <= LATEST_FILE_TIME_S else None
+
+
+def read_files(run_dir: str | None, submitted_at: float, *,
+               problems: list[str] | None = None) -> FileView:
+    """exit.json and status.json of a run directory, as far as they belong to this job.
+
+    A value of the wrong type or out of range (a time outside 2000..2200, an exit code beyond
+    32 bits) is read as absent, with one line on `problems`: one bad file must not stop the
+    round for every other run.
+    """
     from agents.rundir import EXIT_JSON, STATUS_JSON, read_json
 
     if not run_dir:
@@ -291,37 +327,77 @@ def read_files(run_dir: str | None, submitted_at: float) -> FileView:
     folder = Path(run_dir)
     exit_info = read_json(folder / EXIT_JSON)
     status = read_json(folder / STATUS_JSON)
+    report: Callable[[str], None] = problems.append if problems is not None \
+        else (lambda line: None)
     heartbeat = None
-    if isinstance(status, dict) and isinstance(status.get("updated_at"), int | float) \
-            and status["updated_at"] >= submitted_at - CLOCK_SLACK_S:
-        heartbeat = float(status["updated_at"])
+    if isinstance(status, dict) and status.get("updated_at") is not None:
+        updated_at = _checked_time(status["updated_at"], folder / STATUS_JSON, "updated_at",
+                                   report)
+        if updated_at is not None and updated_at >= submitted_at - CLOCK_SLACK_S:
+            heartbeat = updated_at
     if not isinstance(exit_info, dict):
         return FileView(heartbeat_at=heartbeat)
     code = exit_info.get("exit_code")
+    if code is not None and not is_exit_code(code):
+        report(f"{folder / EXIT_JSON}: exit_code {_shown(code)} is not an exit code; ignored")
+        code = None
     ended = exit_info.get("ended_at")
     return FileView(
         exit_reason=str(exit_info.get("reason")) if exit_info.get("reason") else None,
-        exit_code=code if isinstance(code, int) else None,
+        exit_code=code,
         exit_message=str(exit_info.get("message", ""))[:500],
-        exit_at=float(ended) if isinstance(ended, int | float) else None,
+        exit_at=None if ended is None else _checked_time(ended, folder / EXIT_JSON, "ended_at",
+                                                          report),
         heartbeat_at=heartbeat,
     )
 
 
-def attempt_provenance(run_dir: str | None, submitted_at: float) -> dict[str, Any] | None:
-    """provenance.json's entry of the newest attempt started since this job's submission."""
+def _checked_time(value: Any, path: Path, key: str,
+                  report: Callable[[str], None]) -> float | None:
+    """file_time(value), reporting a value that is not one."""
+    seconds = file_time(value)
+    if seconds is None:
+        report(f"{path}: {key} {_shown(value)} is not a time between 2000 and 2200; ignored")
+    return seconds
+
+
+def _shown(value: Any) -> str:
+    """A file's value for a one-line message (a huge number or string cut short)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def attempt_provenance(run_dir: str | None, submitted_at: float, *,
+                       problems: list[str] | None = None) -> dict[str, Any] | None:
+    """provenance.json's entry of the newest attempt started since this job's submission.
+
+    An entry the registry cannot store (NaN or Infinity, which PostgreSQL's JSON refuses, and
+    the whole round's transaction with it) is read as absent, with one line on `problems`.
+    """
+    import json
+
     from agents.rundir import PROVENANCE_JSON, read_json
 
     if not run_dir:
         return None
-    data = read_json(Path(run_dir) / PROVENANCE_JSON)
+    path = Path(run_dir) / PROVENANCE_JSON
+    data = read_json(path)
     attempts = data.get("attempts") if isinstance(data, dict) else None
     if not isinstance(attempts, list):
         return None
+    # An entry without a plausible start time is not one this job can be matched to.
     mine = [a for a in attempts if isinstance(a, dict)
-            and isinstance(a.get("started_at"), int | float)
-            and a["started_at"] >= submitted_at - CLOCK_SLACK_S]
-    return mine[-1] if mine else None
+            and (started := file_time(a.get("started_at"))) is not None
+            and started >= submitted_at - CLOCK_SLACK_S]
+    if not mine:
+        return None
+    try:
+        json.dumps(mine[-1], allow_nan=False)
+    except ValueError:
+        if problems is not None:
+            problems.append(f"{path}: the newest attempt's entry holds NaN or Infinity; ignored")
+        return None
+    return mine[-1]
 
 
 def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
@@ -363,7 +439,7 @@ def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
                  "to_state": c.decision.state.value, "why": c.decision.why} for c in changes])
         for item in changes:
             job_rows.setdefault(item.run.job_pk, {"id": item.run.job_pk}).update(
-                _job_changes(item, stamp))
+                _job_changes(item, stamp, result.errors))
             result.transitions.append(_transition(item))
         if job_rows:
             # executemany groups rows by their set of keys; keep the groups few.
@@ -380,12 +456,12 @@ def _transition(item: _Round) -> Transition:
                       decision.reason.value if decision.reason else None)
 
 
-def _job_changes(item: _Round, stamp: datetime) -> dict[str, Any]:
+def _job_changes(item: _Round, stamp: datetime, problems: list[str]) -> dict[str, Any]:
     """The jobs-row columns a transition sets: provenance, node, start, end, reason, exit."""
     run, decision = item.run, item.decision
     values: dict[str, Any] = {}
     started = run.started_at
-    provenance = attempt_provenance(run.run_dir, run.submitted_at)
+    provenance = attempt_provenance(run.run_dir, run.submitted_at, problems=problems)
     if provenance is not None:
         values["provenance"] = provenance
         if not run.node and provenance.get("host") and not item.answer.node:
@@ -402,9 +478,10 @@ def _job_changes(item: _Round, stamp: datetime) -> dict[str, Any]:
         files = item.files
         values["reason"] = decision.reason.value if decision.reason else None
         values["ended_at"] = from_epoch(files.exit_at) if files.exit_at is not None else stamp
-        # The worker's exit code, else the scheduler's exit status (a worker killed hard).
-        values["exit_status"] = files.exit_code if files.exit_code is not None \
-            else item.answer.view.exit_status
+        # The worker's exit code, else the scheduler's exit status (a worker killed hard); one
+        # the column cannot hold would fail the whole round's transaction.
+        status = files.exit_code if files.exit_code is not None else item.answer.view.exit_status
+        values["exit_status"] = status if is_exit_code(status) else None
     return values
 
 

@@ -103,7 +103,7 @@ def test_recovery_records_ids_by_array_index_when_the_scheduler_lists_only_some_
     # Tasks 0 and 1 finished and Slurm forgot them; 2 and 3 are still listed.
     stand_in = StandIn({token: {2: "77_2", 3: "77_3"}})
     monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
-    assert dispatching.recover_pending(registry, settings()) == 2
+    assert dispatching.recover_pending(registry, settings()).recovered == 2
     jobs = _jobs(registry)
     assert [jobs[rid][0] for rid in run_ids] == [None, None, "77_2", "77_3"]
     with registry.session() as session:
@@ -349,11 +349,11 @@ def test_a_round_judging_an_attempt_replaced_meanwhile_writes_nothing_for_it(
     monkeypatch.setattr(reconcile, "_poll", lambda *args, **kwargs: {})
     real_read_files = reconcile.read_files
 
-    def read_then_race(*args: object) -> object:
+    def read_then_race(*args: object, **kwargs: object) -> object:
         # This round has read the run (submitted, job 5) and now reads exit.json. Meanwhile
         # another process judged the run failed, requeued it and dispatched it again (job 6):
         # it is "submitted" once more, under a newer job.
-        view = real_read_files(*args)
+        view = real_read_files(*args, **kwargs)
         with registry.write() as session:
             session.execute(update(Run).where(Run.id == run_id).values(state="queued"))
         second = _batch([run_id], "satrl-2222222222", tmp_path)
@@ -496,4 +496,111 @@ def test_requeue_leaves_a_run_whose_job_is_listed_unreadable_or_in_an_unknown_st
     assert "job 81_1 is still listed (its record could not be read)" in \
         result.skipped[key_of[run_ids[1]]]
     assert "job 81_2 is still running" in result.skipped[key_of[run_ids[2]]]
+    registry.dispose()
+
+
+class QueryFails(StandIn):
+    """A stand-in whose lookups by name fail as a missing qstat/squeue does."""
+
+    def find_by_names(self, names: Sequence[str],
+                      sizes: dict[str, int] | None = None) -> dict[str, dict[int, str]]:
+        self.lookups.append(list(names))
+        run_command(["satrl-no-such-query-command"])
+        raise AssertionError("the query command must not exist")
+
+
+@pytest.mark.parametrize("unstartable", ["missing", "not executable"])
+def test_a_submit_command_that_cannot_be_started_releases_the_claim_at_once(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        unstartable: str) -> None:
+    from orchestrator.errors import SchedulerError
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    command = tmp_path / "qsub"
+    if unstartable == "not executable":
+        command.write_text("#!/bin/sh\necho 1.server\n")  # mode 0644: PermissionError
+    # Nothing was submitted, so nothing is looked up: (the query command is missing too, as on
+    # a machine without the scheduler's tools) the claim must not wait for it.
+    stand_in = QueryFails({}, [str(command)])
+    with pytest.raises(SchedulerError) as raised:
+        dispatching.submit_batch(registry, stand_in, _planned(run_ids, "satrl-6666666666",
+                                                              tmp_path))
+    message = str(raised.value)
+    assert "nothing was submitted: 4 run(s) stay queued" in message, message
+    assert "is unknown" not in message and len(message.splitlines()) == 1
+    assert stand_in.lookups == []
+    assert set(_states(registry).values()) == {"queued"} and _jobs(registry) == {}
+    with registry.session() as session:
+        whys = list(session.scalars(select(Event.why).where(Event.to_state == "queued",
+                                                            Event.from_state == "submitted")))
+    assert len(whys) == 4 and all(w.startswith("submission failed: ") for w in whys)
+    registry.dispose()
+
+
+def test_dispatch_to_pbs_without_qsub_leaves_the_runs_queued_and_blocks_nothing(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_ids = _queue_four(workspace, capsys)
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no qsub, no qstat
+    for _ in range(2):  # and again: the same answer, nothing left behind
+        code, out, err = cli(capsys, "dispatch", "--backend", "pbs", "--games", "Pong")
+        assert code == 4 and len(err.strip().splitlines()) == 1, err
+        assert "qsub not found on PATH" in err and "nothing was submitted" in err
+        assert "unknown" not in err
+        registry = Registry(settings().database_url)
+        assert set(_states(registry).values()) == {"queued"} and _jobs(registry) == {}
+        registry.dispose()
+    assert len(run_ids) == 4
+
+
+def test_a_pending_batch_whose_scheduler_cannot_be_asked_blocks_no_other_dispatch_or_cancel(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from orchestrator import reconcile, runctl
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    # An earlier dispatch to pbs left a claim whose fate is unknown (token, no id), and qstat
+    # cannot be run here.
+    token = "satrl-7777777777"
+    assert dispatching.claim_runs(registry, "pbs", _batch(run_ids[:1], token, tmp_path)) \
+        == {run_ids[0]}
+    with registry.write() as session:  # long past the grace period
+        session.execute(update(Job).values(submitted_at=datetime.now(UTC) - timedelta(hours=1)))
+    unaskable, slurm = QueryFails(), AcceptsOnce()
+
+    def get_scheduler(name: str, _settings: object) -> Scheduler:
+        return unaskable if name == "pbs" else slurm
+
+    for module in (dispatching, runctl, reconcile):
+        monkeypatch.setattr(module, "get_scheduler", get_scheduler)
+
+    code, out, err = cli(capsys, "dispatch", "--backend", "slurm")
+    assert code == 0 and "dispatched 3 run(s) to slurm as 90_0 .. 90_2" in out, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("warning: "), err
+    assert token in err and "satrl-no-such-query-command not found on PATH" in err
+    states = _states(registry)
+    assert [states[rid] for rid in run_ids] == ["submitted"] * 4
+    assert _jobs(registry)[run_ids[0]][0] is None  # still pending, for a later recovery
+
+    # status/sync: the pending run is neither lost (nobody could ask about it) nor a failure.
+    result = reconcile.reconcile(registry, settings(), force=True, now=time.time())
+    assert any(token in error for error in result.errors), result.errors
+    assert _states(registry)[run_ids[0]] == "submitted"
+
+    # Cancelling other runs goes on too (with the same one-line warning).
+    with registry.session() as session:
+        refs = [run.key for run in session.scalars(select(Run).where(Run.id.in_(run_ids[1:3])))]
+    code, out, err = cli(capsys, "cancel", *refs)
+    assert code == 0 and "cancelled 2 run(s) (2 scheduler job(s))" in out, err
+    assert len(err.strip().splitlines()) == 1 and token in err, err
+    assert slurm.cancelled == [["90_0", "90_1"]]
+    states = _states(registry)
+    assert [states[rid] for rid in run_ids] == ["submitted", "cancelled", "cancelled",
+                                                "submitted"]
     registry.dispose()

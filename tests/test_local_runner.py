@@ -51,3 +51,76 @@ def test_a_member_within_its_walltime_ends_as_it_does(tmp_path: Path) -> None:
     assert "timed_out" not in record and record["exit_code"] == 3
     status = LocalScheduler({}, tmp_path / "batches").status(f"{folder.name}[0]")
     assert status is not None and status.state == JobState.FAILED
+
+
+def _records(tmp_path: Path, token: str, members: dict[int, dict], count: object = 2) -> Path:
+    """A batch folder as a runner that has died leaves it, with these member records."""
+    folder = tmp_path / "batches" / token
+    (folder / "members").mkdir(parents=True)
+    (folder / "batch.json").write_text(json.dumps({"token": token, "count": count,
+                                                   "max_parallel": 1}))
+    (folder / "runner.json").write_text(json.dumps({"pid": 2**22 + 7, "start_ticks": 1}))
+    for index, record in members.items():
+        member_path(folder, index).write_text(json.dumps(record))
+    return folder
+
+
+@pytest.mark.parametrize("bad", ["x", 1.5, True, [0]])
+def test_a_malformed_member_record_is_listed_unreadable_and_the_others_are_read(
+        tmp_path: Path, bad: object) -> None:
+    token = "satrl-1212121212"
+    _records(tmp_path, token, {0: {"index": 0, "pid": 1, "exit_code": bad},
+                               1: {"index": 1, "pid": 1, "exit_code": 0}})
+    scheduler = LocalScheduler({}, tmp_path / "batches")
+    reply = scheduler.poll([f"{token}[0]", f"{token}[1]"])
+    assert list(reply.jobs) == [f"{token}[1]"]
+    assert reply.jobs[f"{token}[1]"].state == JobState.COMPLETED
+    assert list(reply.unreadable) == [f"{token}[0]"]
+    assert f"exit_code {bad!r} is not a whole number" in reply.unreadable[f"{token}[0]"]
+
+
+def test_a_batch_record_with_a_malformed_count_keeps_its_batch_pending(tmp_path: Path) -> None:
+    from orchestrator.errors import SchedulerError
+
+    token = "satrl-1313131313"
+    _records(tmp_path, token, {}, count="x")
+    scheduler = LocalScheduler({}, tmp_path / "batches")
+    # Not "not found" (which would queue runs whose runner started): an error recovery reports.
+    with pytest.raises(SchedulerError, match="count 'x' is not a number of runs"):
+        scheduler.find_by_names([token])
+
+
+def test_the_runner_refuses_an_unreadable_batch_record_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "batches" / "satrl-1414141414"
+    folder.mkdir(parents=True)
+    (folder / "batch.json").write_text(json.dumps({"count": "x", "max_parallel": 1}))
+    done = subprocess.run([sys.executable, "-m", "orchestrator.schedulers.local_runner",
+                           str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"local runner: {folder}/batch.json is unreadable: invalid literal for int() with "
+        "base 10: 'x'"]
+    assert not (folder / "runner.json").exists()
+
+
+def test_a_local_runner_whose_interpreter_cannot_be_started_submits_nothing(
+        tmp_path: Path, workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqlalchemy import select
+
+    from orchestrator import dispatching
+    from orchestrator.registry.db import Registry
+    from orchestrator.registry.models import Job, Run
+    from orchestrator.schedulers.base import CommandNotStarted
+    from orchestrator.settings import settings
+    from tests.test_dispatch_recovery import _planned, _queue_four
+
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    scheduler = LocalScheduler({}, tmp_path / "batches", str(tmp_path / "no-such-python"))
+    with pytest.raises(CommandNotStarted, match="nothing was submitted: 4 run"):
+        dispatching.submit_batch(registry, scheduler, _planned(run_ids, "satrl-1515151515",
+                                                               tmp_path))
+    with registry.session() as session:
+        assert set(session.scalars(select(Run.state))) == {"queued"}
+        assert list(session.scalars(select(Job))) == []
+    registry.dispose()

@@ -107,10 +107,22 @@ class Submission:
     array_job_id: str | None = None
 
 
+class CommandNotStarted(SchedulerError):
+    """A scheduler command that could not be started at all (not installed, not executable):
+    it did nothing, so whatever it was to do (a submission) certainly did not happen."""
+
+    def __init__(self, message: str, *, command: list[str] | None = None,
+                 script: str | None = None) -> None:
+        super().__init__(message, command=command, script=script)
+        #: The message without the command and script details (to build on it).
+        self.reason = message
+
+
 def run_command(command: Sequence[str], *, script: Path | None = None,
                 timeout_s: float = COMMAND_TIMEOUT_S,
                 ok_codes: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run a scheduler command (no shell); SchedulerError with command and stderr on failure.
+    """Run a scheduler command (no shell); SchedulerError with command and stderr on failure,
+    CommandNotStarted where it could not even be started (then it did nothing).
 
     Output is read as UTF-8 with undecodable bytes replaced: qstat lists every user's jobs, and
     one Latin-1 byte in somebody's environment must not make the whole reply unreadable.
@@ -120,9 +132,13 @@ def run_command(command: Sequence[str], *, script: Path | None = None,
                                    errors="replace", timeout=timeout_s,
                                    stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise SchedulerError(f"{command[0]} not found on PATH: is this a login node of the "
-                             "cluster?", command=list(command),
-                             script=str(script) if script else None) from None
+        raise CommandNotStarted(f"{command[0]} not found on PATH: is this a login node of the "
+                                "cluster?", command=list(command),
+                                script=str(script) if script else None) from None
+    except PermissionError:
+        raise CommandNotStarted(f"{command[0]} cannot be executed (permission denied)",
+                                command=list(command),
+                                script=str(script) if script else None) from None
     except subprocess.TimeoutExpired:
         raise SchedulerError(f"{command[0]} did not answer within {timeout_s:.0f} s",
                              command=list(command), script=str(script) if script else None

@@ -21,6 +21,7 @@ from pathlib import Path
 from orchestrator.errors import SchedulerError
 from orchestrator.schedulers.base import (
     Batch,
+    CommandNotStarted,
     JobState,
     JobStatus,
     PollResult,
@@ -43,6 +44,10 @@ RUNNER_START_TIMEOUT_S = 30.0
 #: them to init when it exits; a long `dispatch --wait` or `status --watch` reaps them as they
 #: end (`poll`), or each would stay a zombie until satrl exits.
 _STARTED_RUNNERS: list[subprocess.Popen[bytes]] = []
+
+
+class UnreadableRecord(ValueError):
+    """A runner's record of a member holding what no runner writes (a corrupt or edited file)."""
 
 
 def reap_runners() -> int:
@@ -84,9 +89,17 @@ class LocalScheduler(Scheduler):
             "walltime_s": batch.resources.walltime_s, "kill_wait_s": self.kill_wait_s,
         })
         with (batch.folder / "runner.log").open("ab") as log:
-            process = subprocess.Popen(self.submit_command(batch), stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, close_fds=True)
+            try:
+                process = subprocess.Popen(self.submit_command(batch),
+                                           stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           close_fds=True)
+            except (FileNotFoundError, PermissionError) as error:
+                # No runner started: nothing of the batch can run (dispatch releases it).
+                raise CommandNotStarted(
+                    f"the local runner's interpreter {self.python} cannot be started "
+                    f"({error.strerror}); set [dispatch] python in satrl.toml",
+                    command=self.submit_command(batch)) from None
         _STARTED_RUNNERS.append(process)
         # Submitted means the runner is up (its record exists), like a scheduler's accept.
         deadline = time.monotonic() + RUNNER_START_TIMEOUT_S
@@ -115,7 +128,11 @@ class LocalScheduler(Scheduler):
         return self.batches / match.group("token"), int(match.group("index"))
 
     def status(self, job_id: str) -> JobStatus | None:
-        """One member's state from the runner's records (None: not known, e.g. runner died)."""
+        """One member's state from the runner's records (None: not known, e.g. runner died).
+
+        UnreadableRecord where the member's record holds what no runner writes: the member is
+        listed (its record exists) but its state cannot be told.
+        """
         located = self._folder(job_id)
         if located is None:
             return None
@@ -132,6 +149,9 @@ class LocalScheduler(Scheduler):
         if record.get("cancelled") and record.get("exit_code") is None:
             return JobStatus(job_id, JobState.CANCELLED, "cancelled")
         code = record.get("exit_code")
+        if code is not None and (isinstance(code, bool) or not isinstance(code, int)):
+            raise UnreadableRecord(f"{member_path(folder, index)}: exit_code {code!r} is not "
+                                   "a whole number")
         if code is not None:
             if record.get("cancelled"):
                 state, raw = JobState.CANCELLED, "cancelled"
@@ -140,7 +160,7 @@ class LocalScheduler(Scheduler):
             else:
                 state = JobState.COMPLETED if code == 0 else JobState.FAILED
                 raw = "completed" if code == 0 else "failed"
-            return JobStatus(job_id, state, raw, int(code), os.uname().nodename)
+            return JobStatus(job_id, state, raw, code, os.uname().nodename)
         if is_alive(record.get("pid"), record.get("start_ticks")) or runner_alive:
             # A worker that just exited is still RUNNING until its runner records the end.
             return JobStatus(job_id, JobState.RUNNING, "running", None, os.uname().nodename)
@@ -150,7 +170,12 @@ class LocalScheduler(Scheduler):
         reap_runners()
         result = PollResult()
         for job_id in job_ids:
-            status = self.status(job_id)
+            try:
+                status = self.status(job_id)
+            except UnreadableRecord as error:
+                # One bad record must not stop the poll of every other job.
+                result.unreadable[job_id] = str(error)
+                continue
             if status is not None:
                 result.jobs[job_id] = status
         return result
@@ -179,5 +204,11 @@ class LocalScheduler(Scheduler):
             folder = self.batches / name
             batch = read_json(folder / "batch.json")
             if batch is not None and (folder / "runner.json").exists():
-                found[name] = {i: f"{name}[{i}]" for i in range(int(batch["count"]))}
+                count = batch.get("count")
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    # Its runner started, so "not found" would put running runs back in the
+                    # queue: the batch stays pending instead.
+                    raise SchedulerError(f"{folder / 'batch.json'}: count {count!r} is not a "
+                                         "number of runs")
+                found[name] = {i: f"{name}[{i}]" for i in range(count)}
         return found

@@ -41,12 +41,16 @@ def cancel_path(folder: Path, index: int) -> Path:
 
 def run_batch(folder: Path) -> int:
     batch = read_json(folder / "batch.json")
-    if batch is None:
-        print(f"local runner: {folder}/batch.json is missing or unreadable", file=sys.stderr)
+    try:
+        if batch is None:
+            raise ValueError("missing or not a JSON object")
+        count, max_parallel = int(batch["count"]), max(1, int(batch["max_parallel"]))
+        walltime_s = float(batch.get("walltime_s", 0))
+        kill_wait_s = float(batch.get("kill_wait_s", DEFAULT_KILL_WAIT_S))
+    except (KeyError, TypeError, ValueError) as error:
+        # One line in runner.log (not a traceback); no runner.json, so dispatch sees it fail.
+        print(f"local runner: {folder}/batch.json is unreadable: {error}", file=sys.stderr)
         return 2
-    count, max_parallel = int(batch["count"]), max(1, int(batch["max_parallel"]))
-    walltime_s = float(batch.get("walltime_s", 0))
-    kill_wait_s = float(batch.get("kill_wait_s", DEFAULT_KILL_WAIT_S))
     script = str(folder / "job.sh")
     (folder / "members").mkdir(exist_ok=True)
     (folder / "cancel").mkdir(exist_ok=True)
