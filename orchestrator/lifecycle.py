@@ -21,8 +21,8 @@ next state and the attempt's reason. Rules, in order of precedence:
    without one, after the scheduler last listed the job), then goes lost, from which the exit
    file still settles it. Failed would be final and wrong once exit.json says done.
 4. A job the scheduler does not list, with no exit.json and no fresh heartbeat, becomes lost only
-   a grace period after the scheduler last listed it (or after its submission): one reply that
-   omits jobs never makes them lost.
+   a grace period after the first reply that omitted it (or after its submission): one reply
+   that omits jobs never makes them lost, however long nobody asked before it.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def decide(current: RunState, files: FileView, scheduler: SchedulerView, *, now:
            since: float, grace_s: float) -> Decision:
     """The next state of a run in `current` (submitted, running or lost).
 
-    :param since: when the scheduler last listed the job, or when it was submitted (epoch s).
+    :param since: since when the scheduler has not listed the job (its first omitting reply),
+        or when it was last listed or submitted (epoch s).
     :param grace_s: how long a job may go unlisted, with no heartbeat, before it is lost.
     """
     stay = Decision(current)

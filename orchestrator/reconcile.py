@@ -89,6 +89,8 @@ class Answer:
     view: SchedulerView
     raw_state: str | None = None
     node: str | None = None
+    #: For a job the reply omits: since when it has gone unlisted, as far as satrl knows.
+    unlisted_since: float | None = None
 
 
 NO_ANSWER = Answer(NOT_ASKED)
@@ -119,6 +121,7 @@ class _Tracked:
     scheduler_state: str | None
     node: str | None = None
     started_at: datetime | None = None
+    unlisted_since: float | None = None
 
 
 def settings_value(settings: Any, key: str, default: Any) -> Any:
@@ -161,7 +164,7 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
             # those of a scheduler recovery could not ask.)
             answer = Answer(SchedulerView(True, None))
         files = read_files(run.run_dir, run.submitted_at, problems=result.errors)
-        since = max(run.seen_at or 0.0, run.submitted_at)
+        since = answer.unlisted_since or max(run.seen_at or 0.0, run.submitted_at)
         decision = lifecycle.decide(run.state, files, answer.view, now=now, since=since,
                                     grace_s=grace_s)
         decisions.append(_Round(run, decision, answer, files))
@@ -211,7 +214,7 @@ def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
     statement = run_filter.apply(
         select(Run.id, Run.game, Run.attn, Run.seed, Run.state, Run.run_dir, Run.attempts,
                Job.id, Job.backend, Job.job_id, Job.submitted_at, Job.seen_at,
-               Job.scheduler_state, Job.node, Job.started_at)
+               Job.scheduler_state, Job.node, Job.started_at, Job.unlisted_since)
         .join(Experiment, Run.experiment_id == Experiment.id)
         .join(newest, newest.c.run_id == Run.id)
         .join(Job, Job.id == newest.c.job_pk)
@@ -220,11 +223,12 @@ def _load(registry: Registry, run_filter: RunFilter) -> list[_Tracked]:
     tracked = []
     with registry.session() as session:
         for (rid, game, attn, seed, state, run_dir, attempts, job_pk, backend, job_id,
-             submitted_at, seen_at, sched_state, node, started_at) in session.execute(statement):
+             submitted_at, seen_at, sched_state, node, started_at,
+             unlisted_since) in session.execute(statement):
             tracked.append(_Tracked(rid, f"{game}/{attn}/{seed}", RunState(state), run_dir,
                                     attempts, job_pk, backend, job_id,
                                     epoch(submitted_at) or 0.0, epoch(seen_at), sched_state,
-                                    node, started_at))
+                                    node, started_at, epoch(unlisted_since)))
     return tracked
 
 
@@ -285,7 +289,11 @@ def _poll(registry: Registry, settings: Any, tracked: list[_Tracked], result: Re
                 answers[run.job_pk] = Answer(SchedulerView(True, JobState.UNKNOWN),
                                              "unreadable")
             else:
-                answers[run.job_pk] = Answer(SchedulerView(True, None))
+                # Unlisted since the first reply that omitted it (this one, or an earlier one
+                # recorded on the job): not since its last listing, which after a quiet hour
+                # with no status would make one omitting reply enough to lose it.
+                answers[run.job_pk] = Answer(SchedulerView(True, None), unlisted_since=(
+                    run.unlisted_since if run.unlisted_since is not None else now))
     return answers
 
 
@@ -408,10 +416,14 @@ def _write(registry: Registry, decisions: list[_Round], result: ReconcileResult,
     for item in decisions:
         if item.answer.view.listed:
             row: dict[str, Any] = {"id": item.run.job_pk, "seen_at": stamp,
+                                   "unlisted_since": None,
                                    "scheduler_state": (item.answer.raw_state or "")[:32]}
             if item.answer.node:
                 row["node"] = item.answer.node[:200]
             job_rows[item.run.job_pk] = row
+        elif item.answer.unlisted_since is not None and item.run.unlisted_since is None:
+            job_rows[item.run.job_pk] = {"id": item.run.job_pk,
+                                         "unlisted_since": from_epoch(item.answer.unlisted_since)}
     changes = [item for item in decisions if item.decision.state != item.run.state]
     if not job_rows and not changes:
         return

@@ -604,3 +604,40 @@ def test_a_pending_batch_whose_scheduler_cannot_be_asked_blocks_no_other_dispatc
     assert [states[rid] for rid in run_ids] == ["submitted", "cancelled", "cancelled",
                                                 "submitted"]
     registry.dispose()
+
+
+def test_one_reply_omitting_a_job_after_a_quiet_hour_does_not_make_it_lost(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from orchestrator import reconcile
+    from orchestrator.schedulers.base import JobState, JobStatus
+
+    run_ids = _queue_four(workspace, capsys)[:1]
+    registry = Registry(settings().database_url)
+    token = "satrl-ffffffffff"
+    dispatching.claim_runs(registry, "slurm", _batch(run_ids, token, tmp_path))
+    dispatching.record_submission(registry, token, {0: "81"}, None)
+    now = time.time()
+    with registry.write() as session:
+        session.execute(update(Job).values(submitted_at=datetime.fromtimestamp(now - 7200, UTC)))
+    stand_in = StandIn()
+    monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
+    monkeypatch.setattr(reconcile, "get_scheduler", lambda name, s: stand_in)
+    grace_s = reconcile.DEFAULT_LOST_GRACE_S
+
+    # Listed as pending an hour ago; nobody asked since.
+    stand_in.reply = PollResult({"81": JobStatus("81", JobState.PENDING, "PENDING")})
+    reconcile.reconcile(registry, settings(), force=True, now=now - 3600)
+    assert _states(registry)[run_ids[0]] == "submitted"
+    # The first reply that omits it (a scheduler hiccup): not lost, however long the quiet was.
+    stand_in.reply = PollResult()
+    reconcile.reconcile(registry, settings(), force=True, now=now)
+    assert _states(registry)[run_ids[0]] == "submitted"
+    # Still omitted a grace period after that first omission: lost.
+    reconcile.reconcile(registry, settings(), force=True, now=now + grace_s / 2)
+    assert _states(registry)[run_ids[0]] == "submitted"
+    reconcile.reconcile(registry, settings(), force=True, now=now + grace_s + 1)
+    assert _states(registry)[run_ids[0]] == "lost"
+    registry.dispose()

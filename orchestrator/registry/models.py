@@ -181,8 +181,11 @@ class Job(Base):
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: Dispatch token, also the scheduler's job name: recorded before submitting (crash safety).
     batch: Mapped[str | None] = mapped_column(String(64))
-    #: When the scheduler last listed this job; a job it forgot becomes lost a grace after this.
+    #: When the scheduler last listed this job.
     seen_at: Mapped[datetime | None]
+    #: The first poll since then that did not list it (None while listed); a job the scheduler
+    #: forgot becomes lost a grace period after this.
+    unlisted_since: Mapped[datetime | None]
 
 
 class SchedulerPoll(Base):
