@@ -68,24 +68,53 @@ class JobImage:
     digest: str | None = None
 
 
+def image_settings(settings: Any) -> dict[str, Any]:
+    """satrl.toml's [image], its types checked before any job is planned: a string where the
+    list of binds belongs would be split into one --bind per character, a number as the
+    python would be written into every job script."""
+    section = settings.section("image")
+    source = "satrl.toml [image]"
+    for key in ("path", "flavor", "python", "dir", "digest"):
+        value = section.get(key)
+        if key in section and not isinstance(value, str):
+            raise UsageError(f"{source} {key} must be a string, not {value!r}")
+        if key != "path" and key in section and not value.strip():
+            raise UsageError(f"{source} {key} must not be empty")
+    binds = section.get("binds", [])
+    if not isinstance(binds, list) or not all(isinstance(b, str) and b.strip() for b in binds):
+        raise UsageError(f"{source} binds must be a list of paths (binds = [\"/data\"]), "
+                         f"not {binds!r}")
+    if section.get("flavor", "cuda") not in FLAVORS:
+        raise UsageError(f"{source} flavor must be one of {', '.join(FLAVORS)}, "
+                         f"not {section['flavor']!r}")
+    return section
+
+
 def resolve_job_image(session: Any, settings: Any, experiment: Any) -> JobImage | None:
-    """The experiment's image, else satrl.toml's [image], else None (the configured python)."""
+    """The experiment's image, else satrl.toml's [image], else None (the configured python).
+
+    An image file that is missing is refused here, before any run is claimed: every job would
+    fail at once in apptainer, and auto-requeue would spend the runs' attempts on it."""
     from sqlalchemy import select
 
     from orchestrator.registry.models import Image
 
+    section = image_settings(settings)
     if experiment is not None and experiment.image_id is not None:
         image = session.get(Image, experiment.image_id)
         if image is not None:
+            if not Path(image.path).is_file():
+                raise UsageError(f"experiment {experiment.name!r} runs in image {image.id}, whose "
+                                 f"file {image.path} is missing: rebuild it (`satrl image build "
+                                 f"--flavor {image.flavor}`) or choose another (`satrl image use`)")
             return JobImage(image.path, image.flavor, image.sha256)
-    section = settings.section("image")
     path = section.get("path")
     if not path:
         return None
+    if not Path(path).is_file():
+        raise UsageError(f"satrl.toml [image] path {path} is not a file: build an image with "
+                         "`satrl image build` or fix the path")
     flavor = section.get("flavor", "cuda")
-    if flavor not in FLAVORS:
-        raise UsageError(f"satrl.toml: [image] flavor must be one of {', '.join(FLAVORS)}, "
-                         f"not {flavor!r}")
     recorded = session.scalar(select(Image).where(Image.path == str(path))
                               .order_by(Image.built_at.desc()))
     return JobImage(str(path), flavor, recorded.sha256 if recorded else section.get("digest"))
@@ -222,7 +251,7 @@ class BuildResult:
 
 def default_image_path(settings: Any, flavor: str, definition_digest: str) -> Path:
     """<[image] dir, else workspace/images>/satrl-<flavor>-<definition hash prefix>.sif."""
-    folder = Path(str(settings.section("image").get("dir", "images"))).expanduser()
+    folder = Path(image_settings(settings).get("dir", "images")).expanduser()
     if not folder.is_absolute():
         folder = settings.workspace / folder
     return folder / f"satrl-{flavor}-{definition_digest[:12]}.sif"
@@ -423,10 +452,13 @@ def find_image(session: Any, ref: str) -> Any:
     from sqlalchemy import select
 
     from orchestrator.registry.models import Image
+    from orchestrator.registry.queries import parse_id
 
     ref = ref.strip().lower()
     if ref.isdigit():
-        image = session.get(Image, int(ref))
+        image_id = parse_id(ref)
+        # An id no key can have (too large, non-ASCII digits) names no image either.
+        image = session.get(Image, image_id) if image_id is not None else None
         if image is None:
             raise NotFoundError(f"no image with id {ref}; `satrl image list` shows them")
         return image

@@ -8,10 +8,16 @@ Exactly one statement runs: a `COMMIT; DELETE ...` string would otherwise end th
 transaction and run the rest read-write. sqlite3 refuses several statements in one execute; on
 PostgreSQL the statement is sent as a prepared statement, which the server refuses to hold more
 than one command.
+
+A read-only transaction still lets a few statements write files outside the registry: SQLite's
+ATTACH creates the database file it names, and PostgreSQL's COPY ... TO 'file' (also from inside
+a DO block) writes one on the server. Those statements are refused by their first keyword, and
+on SQLite an authorizer denies ATTACH and DETACH wherever they appear.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +25,9 @@ from sqlalchemy.exc import DBAPIError, StatementError
 
 from orchestrator.errors import UsageError
 from orchestrator.registry.db import Registry
+
+#: Statements that reach beyond the registry's tables, which a read-only transaction allows.
+REFUSED_STATEMENTS = ("ATTACH", "DETACH", "VACUUM", "COPY", "DO")
 
 
 @dataclass(frozen=True)
@@ -31,17 +40,28 @@ def run_readonly_sql(registry: Registry, sql: str, *, max_rows: int | None = Non
     """Execute one statement read-only; a write or an SQL error is one clear UsageError."""
     if not sql.strip():
         raise UsageError("no SQL statement given")
+    keyword = first_keyword(sql)
+    if keyword in REFUSED_STATEMENTS:
+        raise UsageError(f"SQL refused: {keyword} is not allowed; `satrl sql` only reads the "
+                         "registry (and writes no files)")
     try:
         with registry.read_only() as session:
             connection = session.connection()
             if registry.is_sqlite:
-                # Driver-level execution: no bind-parameter parsing, so `::text` casts work.
-                result = connection.exec_driver_sql(sql)
-                if not result.returns_rows:
-                    return QueryResult([], [])
-                columns = list(result.keys())
-                rows = result.fetchmany(max_rows) if max_rows else result.fetchall()
-                return QueryResult(columns, [tuple(row) for row in rows])
+                raw = connection.connection.dbapi_connection
+                raw.set_authorizer(_sqlite_authorizer)  # type: ignore[union-attr]
+                try:
+                    # Driver-level execution: no bind-parameter parsing, so `::text` casts work.
+                    result = connection.exec_driver_sql(sql)
+                    if not result.returns_rows:
+                        return QueryResult([], [])
+                    columns = list(result.keys())
+                    rows = result.fetchmany(max_rows) if max_rows else result.fetchall()
+                    return QueryResult(columns, [tuple(row) for row in rows])
+                finally:
+                    # The connection goes back to the pool: satrl's own statements on it
+                    # later must not meet this authorizer.
+                    raw.set_authorizer(None)  # type: ignore[union-attr]
             cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.execute(sql, prepare=True)
@@ -57,6 +77,41 @@ def run_readonly_sql(registry: Registry, sql: str, *, max_rows: int | None = Non
             raise
         message = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise UsageError(f"SQL refused: {message}") from None
+
+
+def first_keyword(sql: str) -> str:
+    """The statement's first word, upper-cased, past blanks, comments and parentheses.
+
+    Block comments nest (as PostgreSQL reads them): `/* /* */ */ COPY` starts with COPY.
+    """
+    at = 0
+    while at < len(sql):
+        if sql[at].isspace() or sql[at] == "(":
+            at += 1
+        elif sql.startswith("--", at):
+            end = sql.find("\n", at)
+            at = len(sql) if end < 0 else end + 1
+        elif sql.startswith("/*", at):
+            depth, at = 1, at + 2
+            while at < len(sql) and depth:
+                if sql.startswith("/*", at):
+                    depth, at = depth + 1, at + 2
+                elif sql.startswith("*/", at):
+                    depth, at = depth - 1, at + 2
+                else:
+                    at += 1
+        else:
+            break
+    match = re.match(r"[A-Za-z_]+", sql[at:])
+    return match.group(0).upper() if match else ""
+
+
+def _sqlite_authorizer(action: int, *_args: Any) -> int:
+    """Deny ATTACH (it creates the file it names, read-only or not) and DETACH."""
+    import sqlite3
+
+    denied = (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH)
+    return sqlite3.SQLITE_DENY if action in denied else sqlite3.SQLITE_OK
 
 
 def _is_database_error(error: Exception) -> bool:

@@ -96,3 +96,23 @@ def test_videopinball_conventions_and_normalisation() -> None:
     assert normalised == pytest.approx(np.array([[0.0, 1.0], [1.0, 0.0]]))
     with pytest.raises(UsageError, match="paper or standard"):
         reference_scores("dqn")
+
+
+def test_one_attention_type_has_aggregates_without_probability_of_improvement(
+        registry) -> None:  # type: ignore[no-untyped-def]
+    """With a single type there is no rest to compare with: no PoI, the rest is computed."""
+    from orchestrator.analysis.aggregates import compute_aggregates
+    from orchestrator.analysis.scores import load_study
+    from orchestrator.analysis.table import build_table
+    from tests.analysis_support import constant_run, make_study
+
+    make_study(registry, "solo", ["Pong", "Breakout"], ["NA"], [0, 1],
+               {(g, "NA", s): constant_run(base + s)
+                for g, base in (("Pong", -20.0), ("Breakout", 2.0)) for s in (0, 1)})
+    with registry.session() as session:
+        study = load_study(session, "solo")
+    table = build_table(study)
+    agg = compute_aggregates(study, table, reference_scores("paper"), reps=20)
+    assert agg is not None and agg.attns == ["NA"]
+    assert agg.poi == {} and agg.poi_ci == {}
+    assert set(agg.point) == set(agg.profiles) == set(agg.efficiency) == {"NA"}

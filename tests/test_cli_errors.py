@@ -49,3 +49,208 @@ def test_unreachable_registry_is_one_line(tmp_path: Path, url: str, message: str
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def _one_line(text: str) -> str:
+    """The single line of `text`; the test fails on a traceback or on more lines."""
+    assert "Traceback" not in text
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("garbage", "is not a database URL"),
+        ("foo://bar", "names 'foo'"),
+        ("mysql://u@h/db", "names 'mysql'"),
+        ("postgresql+psycopg2://u@127.0.0.1/db", "driver is not installed"),
+        ("postgresql://u:secret@h:notaport/db", "is not a database URL"),
+        ("sqlite://", "in-memory database"),
+        ("sqlite:///:memory:", "in-memory database"),
+    ],
+)
+def test_bad_database_url_is_one_line(tmp_path: Path, url: str, message: str) -> None:
+    result = _satrl(tmp_path, "runs", env={"SATRL_DATABASE_URL": url})
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert message in line and "secret" not in line
+    assert not (tmp_path / ".satrl").exists()
+
+
+def test_a_file_that_is_no_database_is_one_line(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database, just some notes\n" * 10)
+    result = _satrl(tmp_path, "runs", env={"SATRL_DATABASE_URL": f"sqlite:///{notes}"})
+    assert result.returncode == 1
+    assert "file is not a database" in _one_line(result.stderr)
+    assert notes.read_text() == "not a database, just some notes\n" * 10
+
+
+def test_registry_of_a_newer_satrl_is_one_line(tmp_path: Path) -> None:
+    assert _satrl(tmp_path, "queue", "--games", "Pong", "--attn", "NA", "--seeds", "1"
+                  ).returncode == 0
+    database = tmp_path / ".satrl" / "satrl.db"
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")
+    result = _satrl(tmp_path, "runs")
+    assert result.returncode == 1
+    assert "a newer satrl made it" in _one_line(result.stderr)
+    result = _satrl(tmp_path, "db", "upgrade")
+    assert result.returncode == 1 and "f00dfeed" in _one_line(result.stderr)
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            ("f00dfeed",)]
+
+
+def test_unreadable_satrl_toml_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "satrl.toml").symlink_to("/proc/self/mem")
+    result = _satrl(tmp_path, "runs")
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert str(tmp_path / "satrl.toml") in line and "cannot be read" in line
+    assert not (tmp_path / ".satrl").exists()
+
+
+# --- in-process, on both databases --------------------------------------------------------
+def _queued_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import run
+
+    assert run(["queue", "--games", "Pong", "--attn", "NA", "--seed-list", "0",
+                "--preset", "smoke"]) == 0
+    capsys.readouterr()
+
+
+def _states(capsys: pytest.CaptureFixture[str]) -> list[tuple[str, int]]:
+    """(state, events) of every run: what a refused command must leave as it was."""
+    import json
+
+    from orchestrator.cli import run
+
+    capsys.readouterr()
+    assert run(["sql", "SELECT r.state, COUNT(e.id) AS events FROM runs r JOIN events e "
+                "ON e.run_id = r.id GROUP BY r.id, r.state ORDER BY r.id", "--json"]) == 0
+    return [(row["state"], row["events"]) for row in json.loads(capsys.readouterr().out)]
+
+
+@pytest.mark.parametrize("command", [["show"], ["cancel"], ["logs"], ["requeue"],
+                                     ["requeue", "--dry-run"], ["cancel", "--dry-run"]])
+@pytest.mark.parametrize(("ref", "message"), [
+    ("99999999999999999999", "no run with id 99999999999999999999"),
+    ("9223372036854775808", "no run with id 9223372036854775808"),  # 2**63: one past BIGINT
+    ("²", "no run with id ²"),
+    ("Pong/NA/99999999999999999999", "seeds are 0..2147483647"),
+    ("Pong/NA/²", "not a non-negative integer"),
+])
+def test_run_ids_and_seeds_no_run_can_have_are_one_line(
+        workspace: Path, capsys: pytest.CaptureFixture[str], command: list[str], ref: str,
+        message: str) -> None:
+    from orchestrator.cli import run
+
+    _queued_run(capsys)
+    before = _states(capsys)
+    assert run([*command, ref]) == 2
+    assert message in _one_line(capsys.readouterr().err)
+    assert _states(capsys) == before
+
+
+def test_fetch_and_image_use_with_ids_no_row_can_have_are_one_line(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import run
+
+    _queued_run(capsys)
+    assert run(["fetch", "Pong", "NA", "99999999999999999999"]) == 2
+    assert "no run Pong/NA/99999999999999999999" in _one_line(capsys.readouterr().err)
+    for ref in ("99999999999999999999", "²"):
+        assert run(["image", "use", ref]) == 2
+        assert f"no image with id {ref}" in _one_line(capsys.readouterr().err)
+
+
+def test_show_prints_registry_text_as_it_is(workspace: Path, database_url: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Reasons carry "[command: ...]": rich must not read them as markup tags."""
+    from sqlalchemy import select
+
+    from orchestrator.cli import run
+    from orchestrator.registry.db import Registry
+    from orchestrator.registry.models import Event, Run
+
+    _queued_run(capsys)
+    registry = Registry(database_url)
+    try:
+        with registry.write() as session:
+            run_id = session.scalar(select(Run.id))
+            session.add(Event(run_id=run_id, from_state="queued", to_state="failed",
+                              why="failed [command: qsub -N x] [/]"))
+    finally:
+        registry.dispose()
+    assert run(["show", "Pong/NA/0"]) == 0
+    assert "failed [command: qsub -N x] [/]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["runs", "--limit", "-1"], "--limit takes a number of rows >= 0"),
+    (["runs", "--limit", "99999999999999999999"], "--limit takes a number of rows >= 0"),
+    (["dispatch", "--limit", "99999999999999999999", "--dry-run"], "--limit must be at most"),
+    (["status", "--watch", "--interval", "nan"], "--interval must be a number of seconds > 0"),
+    (["status", "--watch", "--interval", "0"], "--interval must be a number of seconds > 0"),
+    (["fetch", "Pong", "NA", "0", "--checkpoints", "inf"], "whole step counts, not 'inf'"),
+    (["fetch", "Pong", "NA", "0", "--checkpoints", "128.7"], "whole step counts, not '128.7'"),
+    (["fetch", "Pong", "NA", "0", "--checkpoints", "128,nan"], "whole step counts, not 'nan'"),
+])
+def test_bad_numbers_in_options_are_one_line(workspace: Path, capsys: pytest.CaptureFixture[str],
+                                             args: list[str], message: str) -> None:
+    from orchestrator.cli import run
+
+    _queued_run(capsys)
+    before = _states(capsys)
+    assert run(args) == 2
+    assert message in _one_line(capsys.readouterr().err)
+    assert _states(capsys) == before
+
+
+def test_requeue_with_an_unknown_backend_changes_nothing(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import run
+
+    _queued_run(capsys)
+    assert run(["cancel", "Pong/NA/0"]) == 0
+    before = _states(capsys)
+    assert before == [("cancelled", 2)]
+    for args in (["requeue", "Pong/NA/0", "--backend", "bogus"],
+                 ["requeue", "--backend", "slurmm"]):
+        assert run(args) == 2
+        assert "unknown backend" in _one_line(capsys.readouterr().err)
+        assert _states(capsys) == before
+
+
+def test_attention_refuses_an_output_folder_that_is_a_file(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import run
+
+    (workspace / "afile").write_text("x")
+    assert run(["attention", "Pong", "NA", "0", "--out", str(workspace / "afile")]) == 2
+    assert "exists and is not a folder" in _one_line(capsys.readouterr().err)
+    assert run(["attention", "Pong", "NA", "0", "--out", str(workspace / "afile" / "sub")]) == 2
+    assert "is not a folder" in _one_line(capsys.readouterr().err)
+    assert (workspace / "afile").read_text() == "x"
+
+
+def test_requeue_checks_the_dispatch_config_of_the_backend_it_names(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import run
+    from orchestrator.settings import settings
+
+    _queued_run(capsys)
+    assert run(["cancel", "Pong/NA/0"]) == 0
+    before = _states(capsys)
+    for toml, message in (("[slurm]\nwalltime_min = 0\n", "walltime_min must be > 0"),
+                          ("[dispatch]\nmax_array = 0\n", "max_array")):
+        (workspace / "satrl.toml").write_text(toml)
+        settings.cache_clear()
+        assert run(["requeue", "Pong/NA/0", "--backend", "slurm"]) == 2
+        assert message in _one_line(capsys.readouterr().err)
+        assert _states(capsys) == before

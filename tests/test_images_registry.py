@@ -297,3 +297,70 @@ def test_image_build_without_apptainer_says_so_in_one_line(
     assert _images(database_url) == []
     assert run(["image", "build", "--flavor", "gpu"]) == 2
     assert "image flavor must be one of cuda, rocm" in capsys.readouterr().err
+
+
+def _queue_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["queue", "--games", "Pong", "--attn", "NA", "--seed-list", "0",
+                "--preset", "smoke"]) == 0
+    capsys.readouterr()
+
+
+def _run_states(database_url: str) -> list[str]:
+    registry = Registry(database_url)
+    try:
+        with registry.session() as session:
+            from orchestrator.registry.models import Run
+
+            return list(session.scalars(select(Run.state).order_by(Run.id)))
+    finally:
+        registry.dispose()
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    # A string would be split into one --bind per character.
+    ('path = "IMAGE"\nbinds = "/data"\n', "binds must be a list of paths"),
+    ('path = "IMAGE"\nbinds = ["/data", 3]\n', "binds must be a list of paths"),
+    ('path = "IMAGE"\npython = 5\n', "python must be a string, not 5"),
+    ('path = ["a"]\n', "path must be a string, not ['a']"),
+    ('path = "IMAGE"\nflavor = "gpu"\n', "flavor must be one of cuda, rocm"),
+    ('path = "/nonexistent/x.sif"\n', "path /nonexistent/x.sif is not a file"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_bad_image_settings_are_refused_before_any_run_is_claimed(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str], image: str,
+        message: str, dry_run: bool) -> None:
+    sif = workspace / "x.sif"
+    sif.write_text("STAND-IN SIF\n")
+    (workspace / "satrl.toml").write_text("[image]\n" + image.replace("IMAGE", str(sif)))
+    _queue_one(capsys)
+    assert run(["dispatch", *(["--dry-run"] if dry_run else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert _run_states(database_url) == ["queued"]
+
+
+def test_image_settings_reach_the_job_command_line(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sif = workspace / "x.sif"
+    sif.write_text("STAND-IN SIF\n")
+    (workspace / "satrl.toml").write_text(
+        f'[image]\npath = "{sif}"\nbinds = ["/data"]\npython = "/opt/venv/bin/python"\n')
+    _queue_one(capsys)
+    assert run(["dispatch", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"--bind /data {sif} /opt/venv/bin/python -m agents.train" in out
+
+
+def test_an_experiment_image_whose_file_is_gone_is_refused(
+        workspace: Path, database_url: str, standin: StandIn,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    built = _json(capsys, "image", "build", "--flavor", "cuda", "--out",
+                  str(workspace / "c.sif"))
+    _queue_one(capsys)
+    assert run(["image", "use", str(built["image_id"])]) == 0
+    Path(built["path"]).unlink()
+    capsys.readouterr()
+    assert run(["dispatch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is missing" in err and len(err.splitlines()) == 1
+    assert _run_states(database_url) == ["queued"]

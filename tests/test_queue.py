@@ -164,3 +164,23 @@ def test_two_processes_queueing_together_add_each_run_once(
     assert sum(added) == 1400
     assert _count(database_url) == 1400
     assert _count(database_url, Event) == 1400
+
+
+@pytest.mark.parametrize("args", [["--set", "total_timesteps=abc"], ["--set", "n_env=8"],
+                                  ["--set", "seed=3"], ["--preset", "papr"]])
+def test_bad_spec_is_refused_before_the_registry_is_created(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str],
+        args: list[str]) -> None:
+    from orchestrator.registry.db import current_revision
+
+    capsys.readouterr()
+    assert run(["queue", "--games", "Pong", "--attn", "NA", *args]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    if database_url.startswith("sqlite"):
+        assert not Path(database_url.removeprefix("sqlite:///")).parent.exists()
+        return
+    registry = Registry(database_url, upgrade=False)
+    try:
+        assert current_revision(registry.engine) is None  # no schema was made
+    finally:
+        registry.dispose()

@@ -57,3 +57,35 @@ def test_sqlite_runs_in_wal_mode(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert session.execute(text("PRAGMA foreign_keys")).scalar() == 1
     registry.dispose()
+
+
+def test_a_schema_revision_of_a_newer_satrl_is_refused_untouched(database_url: str) -> None:
+    import pytest
+
+    from orchestrator.errors import SatrlError
+
+    Registry(database_url).dispose()
+    registry = Registry(database_url, upgrade=False)
+    with registry.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+    with pytest.raises(SatrlError, match="revision f00dfeed, which this satrl does not know"):
+        Registry(database_url)
+    with pytest.raises(SatrlError, match="a newer satrl made it"):
+        ensure_schema(registry.engine)
+    assert current_revision(registry.engine) == "f00dfeed"
+    registry.dispose()
+
+
+def test_registry_urls_that_cannot_hold_a_registry_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from orchestrator.errors import SatrlError, UsageError
+    from orchestrator.registry.db import open_registry
+
+    for url, message in (("garbage", "not a database URL"), ("foo://bar", "names 'foo'"),
+                         ("sqlite://", "in-memory"), ("sqlite:///:memory:", "in-memory")):
+        with pytest.raises(UsageError, match=message):
+            open_registry(url)
+    (tmp_path / "notes.txt").write_text("no database here\n" * 100)
+    with pytest.raises(SatrlError, match="file is not a database"):
+        open_registry(f"sqlite:///{tmp_path / 'notes.txt'}")

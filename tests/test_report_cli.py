@@ -115,3 +115,41 @@ def test_empty_experiment_and_queued_only_study(registry, workspace, capsys) -> 
     assert run(["report", "-e", "fresh", "--reps", "10"]) == 0
     out = capsys.readouterr().out
     assert "runs without evaluations (2)" in out and "No game has every seed" in out
+
+
+def test_one_attention_type_reports_without_probability_of_improvement(  # type: ignore[no-untyped-def]
+        registry, workspace, tmp_path: Path, capsys) -> None:
+    episodes = {(g, "NA", s): constant_run(base + s)
+                for g, base in (("Pong", -20.0), ("Breakout", 2.0)) for s in SEEDS}
+    make_study(registry, "solo", GAMES, ["NA"], SEEDS, episodes)
+    out = tmp_path / "rep"
+    assert run(["report", "-e", "solo", "-f", "md", "--out", str(out), "--reps", "20"]) == 0
+    page = (out / "report.md").read_text()
+    assert "## Aggregates (human-normalised)" in page
+    assert "Probability of improvement" not in page
+    assert (out / "figures" / "aggregates.png").is_file()
+    assert not (out / "figures" / "probability_of_improvement.png").exists()
+
+
+def test_unwritable_out_is_one_line_and_refused_before_the_work(  # type: ignore[no-untyped-def]
+        two_studies, tmp_path: Path, capsys, monkeypatch) -> None:
+    import orchestrator.analysis.report as report_module
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    built = []
+    real_build = report_module.build_report
+    monkeypatch.setattr(report_module, "build_report",
+                        lambda *a, **k: built.append(1) or real_build(*a, **k))
+    for out, message in ((afile / "sub", "afile is not a folder"),
+                         (afile, "exists and is not a folder")):
+        assert run(["report", "-e", "new", "--out", str(out), "--reps", "20"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert built == []  # refused before the bootstrap
+    assert afile.read_text() == "x"
+    # A folder no check foresees as unwritable (/proc takes no new folders): still one line.
+    assert run(["report", "-e", "new", "--out", "/proc/satrl-report", "--reps", "20"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot write the report into /proc/satrl-report" in err
+    assert len(err.splitlines()) == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,69 @@ def test_queries_and_views_answer(workspace: Path, capsys: pytest.CaptureFixture
     # Casts and percent signs reach the database untouched.
     rows = _rows(capsys, "SELECT COUNT(*) AS n FROM runs WHERE game LIKE 'H%'")
     assert rows == [{"n": 5}]
+
+
+def test_values_and_names_print_as_they_are(workspace: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Cells are data, not rich markup: '[/]' used to be a traceback, '[command: ...]' vanished."""
+    capsys.readouterr()
+    assert run(["sql", "SELECT '[/]' AS x, 'failed [command: qsub -N x]' AS why, "
+                "'a\\' AS \"[bold]col\""]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "[/]" in captured.out and "failed [command: qsub -N x]" in captured.out
+    assert "[bold]col" in captured.out and "a\\ " in captured.out
+
+
+def _file_statements(database_url: str, target: Path) -> list[tuple[str, str]]:
+    """(statement, the keyword it is refused by)."""
+    if database_url.startswith("sqlite"):
+        return [(f"ATTACH DATABASE '{target}' AS x", "ATTACH"),
+                ("DETACH DATABASE main", "DETACH"), (f"VACUUM INTO '{target}'", "VACUUM"),
+                (f"  /* why */ -- not\n(ATTACH '{target}' AS y)", "ATTACH")]
+    return [(f"COPY (SELECT 1) TO '{target}'", "COPY"),
+            (f"/* /* nested */ */ COPY runs TO '{target}'", "COPY"),
+            (f"DO $$ BEGIN EXECUTE 'COPY (SELECT 1) TO ''{target}'''; END $$", "DO")]
+
+
+def test_statements_that_write_files_are_refused(workspace: Path, database_url: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only transaction still lets ATTACH create a file (SQLite) and COPY ... TO write
+    one on the server (PostgreSQL): refused, and no file appears."""
+    # A folder the PostgreSQL server's user may write in too, so that a COPY that got through
+    # would leave its file there (where the server runs on this machine).
+    folder = Path(tempfile.mkdtemp(prefix="satrl-sql-"))
+    folder.chmod(0o777)
+    target = folder / "outside.db"
+    try:
+        assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1"]) == 0
+        for statement, keyword in _file_statements(database_url, target):
+            capsys.readouterr()
+            assert run(["sql", statement]) == 2, statement
+            err = capsys.readouterr().err.strip()
+            assert f"SQL refused: {keyword} is not allowed" in err
+            assert len(err.splitlines()) == 1
+            assert not target.exists(), statement
+        assert _rows(capsys, "SELECT COUNT(*) AS n FROM runs") == [{"n": 1}]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_sqlite_authorizer_denies_attach_past_the_keyword_check(
+        workspace: Path, database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("ATTACH is SQLite's")
+    from orchestrator import sqlquery
+    from orchestrator.errors import UsageError
+    from orchestrator.registry.db import open_registry
+
+    monkeypatch.setattr(sqlquery, "REFUSED_STATEMENTS", ())
+    registry = open_registry()
+    target = tmp_path / "outside.db"
+    with pytest.raises(UsageError, match="SQL refused: not authorized"):
+        sqlquery.run_readonly_sql(registry, f"ATTACH DATABASE '{target}' AS x")
+    assert not target.exists()
+    # The authorizer goes with the statement: the pooled connection answers queries as before.
+    assert sqlquery.run_readonly_sql(registry, "SELECT COUNT(*) FROM runs").rows == [(0,)]
+    registry.dispose()

@@ -136,12 +136,13 @@ def compute_aggregates(study: StudyScores, table: GameTable, reference: dict[str
     finals, per_eval, timesteps = score_matrices(study, table, reference, games)
     with seeded(seed):
         point, ci = rly.get_interval_estimates(finals, aggregate_metrics, reps=reps)
-    pairs = {attn: (finals[attn],
-                    np.concatenate([finals[other] for other in table.attns if other != attn]))
-             for attn in table.attns}
     poi: dict[str, float] = {}
     poi_ci: dict[str, np.ndarray] = {}
+    # With one type there is no "rest" to pool: the report goes without this part.
     if len(table.attns) > 1:
+        pairs = {attn: (finals[attn],
+                        np.concatenate([finals[other] for other in table.attns if other != attn]))
+                 for attn in table.attns}
         with seeded(seed + 1):
             poi_point, poi_interval = rly.get_interval_estimates(
                 pairs, probability_of_improvement, reps=reps)

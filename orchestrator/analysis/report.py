@@ -80,6 +80,9 @@ def find_gaps(study: StudyScores, table: GameTable) -> Gaps:
 def build_report(registry: Registry, options: ReportOptions) -> Report:
     if options.reps < 1:
         raise UsageError(f"--reps must be at least 1, not {options.reps}")
+    # numpy's global seed is 32-bit, and the estimates use seed .. seed + 3.
+    if not 0 <= options.seed <= 2**32 - 4:
+        raise UsageError(f"--seed must be in 0..{2**32 - 4}, not {options.seed}")
     reference = reference_scores(options.videopinball_random)
     timings: dict[str, float] = {}
     start = time.perf_counter()

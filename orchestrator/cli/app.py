@@ -8,14 +8,16 @@ the result with rich (or `--json`). Heavy imports (SQLAlchemy, torch) happen ins
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.errors import SatrlError
+from orchestrator.errors import SatrlError, UsageError
 
 app = typer.Typer(
     name="satrl",
@@ -82,6 +84,12 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except OSError as error:
+        # A file the system refused (a full disk, a permission) that no command foresaw: still
+        # one line naming it, not a traceback.
+        err_console.print(f"[red]satrl:[/red] {escape(os_error_line(error))}", highlight=False,
+                          soft_wrap=True)
+        return 1
     except Exception as error:
         message = _unreachable_registry(error)
         if message is None:
@@ -104,6 +112,28 @@ def _unreachable_registry(error: Exception) -> str | None:
     where = make_url(settings().database_url).render_as_string(hide_password=True)
     reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
     return f"cannot use the registry at {where}: {reason}"
+
+
+def os_error_line(error: OSError) -> str:
+    """`path: reason` of an OSError, as one line."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else reason
+
+
+def check_output_folder(folder: Path, option: str = "--out") -> None:
+    """Refuse, before any expensive work, an output folder that cannot be made or written.
+
+    Nothing is created: the nearest existing folder on the way must be a writable folder.
+    """
+    folder = folder.expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "exists and is not a folder" if existing == folder else f"{existing} is not a folder"
+        raise UsageError(f"{option} {folder}: {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder}: {existing} is not writable")
 
 
 def main() -> None:

@@ -7,16 +7,19 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.cli.app import (
     ExperimentOpt,
     JsonOpt,
     app,
+    check_output_folder,
     console,
     current_experiment,
+    os_error_line,
     print_json,
 )
-from orchestrator.errors import UsageError
+from orchestrator.errors import SatrlError, UsageError
 
 
 @app.command()
@@ -73,13 +76,15 @@ def attention(
                              "--checkpoint PATH --attn TYPE")
         attns = catalog.parse_attn(attn) if compare else [catalog.parse_attn_one(attn)]
     config = settings()
+    out_folder = out if out is not None else config.workspace / "attention"
+    check_output_folder(out_folder)  # before the policies are loaded and run
     request = AttentionRequest(
         game=catalog.parse_game(game) if game else None,
         attns=attns,
         seed=seed,
         experiment=current_experiment(experiment),
         store=config.store,
-        out=out if out is not None else config.workspace / "attention",
+        out=out_folder,
         step=step,
         observations=observations,
         checkpoint=checkpoint,
@@ -89,18 +94,31 @@ def attention(
         scale=scale,
         limit=limit,
     )
-    result = attention_maps(request)
+    try:
+        result = attention_maps(request)
+    except OSError as error:
+        if error.filename is None or not _inside(Path(error.filename), out_folder):
+            raise
+        raise SatrlError(f"cannot write into {out_folder}: {os_error_line(error)}") from None
     if json_:
         print_json(result.to_dict())
         return
     table = Table("observation", "type", "step", "action", "p", "value")
     for row in result.rows:
         name = f" {row['action_name']}" if row["action_name"] else ""
-        table.add_row(Path(row["observation"]).name, row["attn"], str(row["step"] or "-"),
-                      f"{row['action']}{name}", f"{row['probability']:.2f}",
+        # File names are the user's: data, never markup.
+        table.add_row(Text(Path(row["observation"]).name), row["attn"], str(row["step"] or "-"),
+                      Text(f"{row['action']}{name}"), f"{row['probability']:.2f}",
                       f"{row['value']:.3f}")
     console.print(table)
     if result.skipped:
-        console.print(f"not fetched (or not at that step), left out: {', '.join(result.skipped)}")
+        console.print(f"not fetched (or not at that step), left out: {', '.join(result.skipped)}",
+                      markup=False)
     console.print(f"wrote {result.png}\n      {result.json_path}\n      {result.csv_path}\n"
-                  f"      {result.npz_path}", highlight=False)
+                  f"      {result.npz_path}", highlight=False, markup=False)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies below it (an error about an output file)."""
+    path, folder = path.expanduser().absolute(), folder.expanduser().absolute()
+    return path == folder or folder in path.parents

@@ -13,10 +13,9 @@ app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 def upgrade() -> None:
     """Create or upgrade the registry schema to the newest revision."""
-    from orchestrator.registry.db import Registry, current_revision, head_revision
-    from orchestrator.settings import settings
+    from orchestrator.registry.db import current_revision, head_revision, open_registry
 
-    registry = Registry(settings().database_url, upgrade=False)
+    registry = open_registry(upgrade=False)
     before = current_revision(registry.engine)
     from orchestrator.registry.db import ensure_schema
 
@@ -31,14 +30,23 @@ def upgrade() -> None:
 @db_app.command("current")
 def current() -> None:
     """Print the registry's schema revision, the newest one, and where the registry is."""
-    from orchestrator.registry.db import Registry, current_revision, head_revision
-    from orchestrator.settings import settings
+    from orchestrator.registry.db import (
+        current_revision,
+        head_revision,
+        known_revisions,
+        open_registry,
+        shown_url,
+    )
 
-    url = settings().database_url
-    registry = Registry(url, upgrade=False)
+    registry = open_registry(upgrade=False)
     revision = current_revision(registry.engine)
-    state = "up to date" if revision == head_revision() else "needs `satrl db upgrade`"
-    from sqlalchemy.engine import make_url
-
-    console.print(f"registry: {make_url(url).render_as_string(hide_password=True)}")
-    console.print(f"revision: {revision or 'empty'} (head {head_revision()}, {state})")
+    if revision == head_revision():
+        state = "up to date"
+    elif revision is not None and revision not in known_revisions():
+        state = "unknown to this satrl: a newer satrl made it; upgrade satrl"
+    else:
+        state = "needs `satrl db upgrade`"
+    console.print(f"registry: {shown_url(registry.url)}", highlight=False, markup=False,
+                  soft_wrap=True)
+    console.print(f"revision: {revision or 'empty'} (head {head_revision()}, {state})",
+                  highlight=False, markup=False, soft_wrap=True)

@@ -6,6 +6,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from orchestrator.cli.app import (
     AttnOpt,
@@ -85,7 +86,10 @@ def dispatch_command(
 ) -> None:
     """Submit queued runs as scheduler jobs (arrays where the backend has them)."""
     from orchestrator.dispatching import DispatchRequest, dispatch
+    from orchestrator.registry.queries import MAX_ID
 
+    if limit is not None and limit > MAX_ID:  # a LIMIT the database cannot hold
+        raise UsageError(f"--limit must be at most {MAX_ID}, not {limit}")
     request = DispatchRequest(
         make_filter(experiment, games, attn, seed_list), backend=backend, limit=limit,
         resources={"cpus": cpus, "gpus": gpus, "mem_gb": mem_gb, "walltime_min": walltime_min,
@@ -118,7 +122,7 @@ def dispatch_command(
         first, last = planned.job_ids[0], planned.job_ids[-1]
         ids = first if first == last else f"{first} .. {last}"
         console.print(f"dispatched [bold]{len(planned.runs)}[/bold] run(s) to {result.backend} "
-                      f"as {ids}", highlight=False)
+                      f"as {escape(ids)}", highlight=False)
     if wait and result.run_ids:
         _wait(registry, result.run_ids, json_)
 
@@ -147,7 +151,8 @@ def _wait(registry: Any, run_ids: list[int], json_: bool) -> None:
         while True:
             outcome = reconcile(registry, settings, run_filter)
             for error in outcome.errors:
-                progress.console.print(f"[yellow]warning:[/yellow] {error}")
+                progress.console.print(f"[yellow]warning:[/yellow] {escape(str(error))}",
+                                       highlight=False)
             with registry.session() as session:
                 summary = status_summary(session, run_filter, with_runs=False)
             done = sum(summary.counts.get(s, 0) for s in terminal)
@@ -188,11 +193,12 @@ def sync(
 
 def render_reconcile(result: Any, *, quiet: bool = False) -> None:
     """Transitions as lines; scheduler trouble as warnings on stderr."""
+    # Scheduler errors carry "[command: ...]" and "[stderr: ...]": escaped, not read as markup.
     for error in result.errors:
-        err_console.print(f"[yellow]warning:[/yellow] {error}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(error))}", highlight=False)
     for job_id, why in result.unreadable.items():
         err_console.print(f"[yellow]warning:[/yellow] could not read the scheduler's record of "
-                          f"job {job_id}: {why}", highlight=False)
+                          f"job {escape(str(job_id))}: {escape(str(why))}", highlight=False)
     if quiet:
         return
     for t in result.transitions:
@@ -230,17 +236,45 @@ def requeue_command(
 
     states = tuple(name for name, on in (("failed", failed), ("lost", lost),
                                          ("cancelled", cancelled)) if on)
-    result = requeue(_registry(), _settings(),
+    settings = _settings()
+    # requeue commits the move to queued before it dispatches: a backend or a satrl.toml that
+    # dispatch would refuse must be refused first, while nothing has changed. Without
+    # --backend each run goes back to its last job's backend, so only the default's name is
+    # checked (runs that never had a job use it).
+    check_dispatch_config(settings, backend if backend is not None else settings.backend,
+                          name_only=backend is None)
+    result = requeue(_registry(), settings,
                      _filter(runs, experiment, games, attn, seed_list), states=states,
                      walltime_only=walltime, backend=backend, dry_run=dry_run)
     if json_:
         print_json(result.to_json())
         return
     for key, why in result.skipped.items():
-        err_console.print(f"[yellow]skipped[/yellow] {key}: {why}", highlight=False)
+        err_console.print(f"[yellow]skipped[/yellow] {escape(key)}: {escape(why)}",
+                          highlight=False)
     verb = "would requeue" if dry_run else "requeued"
     console.print(f"{verb} {len(result.requeued)} run(s)"
                   + (f"; dispatched {len(result.dispatched)}" if result.dispatched else ""))
+
+
+def check_dispatch_config(settings: Any, backend: str, *, name_only: bool = False) -> None:
+    """What `dispatch` checks before it claims anything: the backend's name and, unless
+    `name_only`, its resources and numbers in satrl.toml; the [image] settings."""
+    from orchestrator.catalog import nearest
+    from orchestrator.dispatching import check_config
+    from orchestrator.images import image_settings
+    from orchestrator.resources import resolve_resources
+    from orchestrator.schedulers import BACKENDS, get_scheduler
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}{nearest(backend, list(BACKENDS))}; "
+                         f"backends: {', '.join(BACKENDS)}")
+    image_settings(settings)
+    if name_only:
+        return
+    scheduler = get_scheduler(backend, settings)
+    resolve_resources(settings, backend)
+    check_config(settings, scheduler)
 
 
 @app.command("cancel")
@@ -273,7 +307,7 @@ def cancel_command(
                   + (f" ({jobs} scheduler job(s))" if jobs else ""))
     if dry_run:
         for _, key in result.cancelled:
-            console.print(f"  {key}", highlight=False)
+            console.print(f"  {key}", highlight=False, markup=False)
 
 
 @app.command("logs")
@@ -297,6 +331,6 @@ def logs_command(
                       tail=tail, streams=streams)
     for log in files:
         if len(files) > 1:
-            err_console.print(f"[bold]==> {log.path} <==[/bold]", highlight=False)
+            err_console.print(f"[bold]==> {escape(str(log.path))} <==[/bold]", highlight=False)
         sys.stdout.write(log.text)
         sys.stdout.flush()

@@ -73,6 +73,7 @@ def fetch(
         raise UsageError("fetch what? GAME ATTN SEED for one run, --all or --games/--attn/"
                          "--seed-list/--state for several")
     single = bool(positional)
+    _check_steps(checkpoints)
     request = FetchRequest(parse_what(what),
                            CheckpointChoice.parse(checkpoints, "all" if single else "last"))
     settings_ = settings()
@@ -104,6 +105,23 @@ def fetch(
         _render(results)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
+
+
+def _check_steps(checkpoints: str | None) -> None:
+    """Step counts must be whole numbers: `inf` would overflow and `128.7` be truncated to a
+    checkpoint the user did not name (`2e6` is a whole number and stays allowed)."""
+    import math
+
+    if checkpoints is None or checkpoints.strip().lower() in ("all", "last"):
+        return
+    for item in checkpoints.replace("_", "").split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            continue  # not a number at all: CheckpointChoice.parse says so
+        if not math.isfinite(value) or not value.is_integer():
+            raise UsageError(f"--checkpoints takes all, last or whole step counts, not "
+                             f"{item.strip()!r}")
 
 
 def _fetch(registry: Any, source: Any, targets: list[Any], request: Any, *, quiet: bool
@@ -161,10 +179,11 @@ def _render(results: list[Any]) -> None:
     console.print(table)
     stores = {str(Path(r.store_dir).parents[3]) for r in results if r.store_dir}
     if len(results) == 1:
-        console.print(f"store: {escape(str(results[0].store_dir))}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"store: {results[0].store_dir}", highlight=False, soft_wrap=True,
+                      markup=False)
     elif stores:
-        console.print(f"store: {', '.join(sorted(stores))}", highlight=False, soft_wrap=True)
+        console.print(f"store: {', '.join(sorted(stores))}", highlight=False, soft_wrap=True,
+                      markup=False)
     for r in results:
         if r.error:
             err_console.print(f"[red]{r.key}:[/red] {escape(str(r.error))}", highlight=False,

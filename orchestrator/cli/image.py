@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.cli.app import (
     ExperimentOpt,
@@ -76,14 +78,15 @@ def build(
     gpu = (f"CUDA {result.versions.get('cuda')}" if result.flavor == "cuda"
            else f"ROCm {result.versions.get('rocm')}")
     console.print(f"{verb} image [bold]{result.image_id}[/bold] ({result.flavor}, torch "
-                  f"{result.versions.get('torch_version')}, {gpu}) at {result.path}: "
+                  f"{escape(str(result.versions.get('torch_version')))}, {escape(gpu)}) at "
+                  f"{escape(result.path)}: "
                   f"{_size(result.size_bytes)}, sha256 {result.sha256[:12]}, built in "
                   f"{result.build_seconds:.0f} s", highlight=False)
     if result.replaced:
         console.print(f"it replaces image(s) {', '.join(map(str, result.replaced))} at that path"
                       + (f"; experiments now on image {result.image_id}: "
                          f"{', '.join(result.relinked)}" if result.relinked else ""),
-                      highlight=False)
+                      highlight=False, markup=False)
 
 
 @image_app.command("list")
@@ -110,10 +113,12 @@ def list_(
         table.add_column(column, no_wrap=column in ("id", "sha256", "status"),
                          overflow="fold" if column == "path" else "ellipsis")
     for image in images:
-        table.add_row(str(image.id), image.flavor, image.torch_version or "-",
-                      image.cuda_version or image.rocm_version or "-", _size(image.size_bytes),
-                      image.sha256[:12], image.built_at[:16].replace("T", " "), image.status,
-                      ",".join(image.experiments) or "-", image.path)
+        # Registry text (versions an image reported, paths) is data, never markup.
+        table.add_row(*(Text(value) for value in (
+            str(image.id), image.flavor, image.torch_version or "-",
+            image.cuda_version or image.rocm_version or "-", _size(image.size_bytes),
+            image.sha256[:12], image.built_at[:16].replace("T", " "), image.status,
+            ",".join(image.experiments) or "-", image.path)))
     console.print(table)
 
 
@@ -136,7 +141,7 @@ def use(
                       f"(was {result.previous_id or 'none'}); its jobs follow satrl.toml")
         return
     console.print(f"experiment [bold]{result.experiment}[/bold] runs in image "
-                  f"[bold]{result.image_id}[/bold] ({result.flavor}, {result.path}, sha256 "
+                  f"[bold]{result.image_id}[/bold] ({result.flavor}, {escape(result.path)}, sha256 "
                   f"{(result.sha256 or '')[:12]})"
                   + (f"; was {result.previous_id}" if result.previous_id not in
                      (None, result.image_id) else ""), highlight=False)

@@ -12,12 +12,14 @@ from orchestrator.cli.app import (
     ExperimentOpt,
     JsonOpt,
     app,
+    check_output_folder,
     console,
     current_experiment,
     err_console,
+    os_error_line,
     print_json,
 )
-from orchestrator.errors import UsageError
+from orchestrator.errors import SatrlError, UsageError
 
 
 @app.command()
@@ -53,8 +55,8 @@ def report(
     if format_ not in FORMATS:
         raise UsageError(f"unknown --format {format_!r}{nearest(format_, FORMATS)}; formats: "
                          f"{', '.join(FORMATS)}")
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    if out is not None:
+        check_output_folder(out)  # before the bootstrap, not after it
     options = ReportOptions(
         experiment=current_experiment(experiment), compare=compare,
         videopinball_random=videopinball_random, reps=reps, seed=seed,
@@ -62,10 +64,15 @@ def report(
         figures=out is not None or format_ == "html")
     result = build_report(open_registry(), options)
     if out is not None:
-        written = write_report(result, format_, out)
+        try:
+            written = write_report(result, format_, out)
+        except OSError as error:
+            # What the check could not foresee (/proc, a full disk): one line, not a traceback.
+            raise SatrlError(f"cannot write the report into {out}: "
+                             f"{os_error_line(error)}") from None
         figures = sum(1 for p in written if p.suffix == ".png")
         console.print(f"wrote {out / written[0].name} and {figures} figures under "
-                      f"{out / 'figures'}", highlight=False, soft_wrap=True)
+                      f"{out / 'figures'}", highlight=False, soft_wrap=True, markup=False)
         if result.gaps.any:
             err_console.print("[yellow]the study has gaps: see the report's Gaps section[/]")
         return

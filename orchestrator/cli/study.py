@@ -6,7 +6,9 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.cli.app import (
     AttnOpt,
@@ -62,7 +64,7 @@ def queue(
 ) -> None:
     """Record games x attention types x seeds as queued runs (once: repeating adds nothing)."""
     from orchestrator import catalog
-    from orchestrator.queueing import QueueRequest, queue_runs
+    from orchestrator.queueing import QueueRequest, queue_runs, resolve_spec
 
     if games is None or attn is None:
         raise UsageError("queue needs --games and --attn (e.g. --games all --attn all --seeds 5)")
@@ -76,6 +78,8 @@ def queue(
         preset=preset,
         overrides=_parse_sets(set_),
     )
+    # A bad --preset or --set is refused before the registry is opened (and so created).
+    resolve_spec(request.preset, request.overrides)
     result = queue_runs(_registry(), request, dry_run=dry_run)
     if json_:
         print_json(result.to_json())
@@ -109,7 +113,12 @@ def status(
                                             "with --watch.")] = 5.0,
 ) -> None:
     """Counts per state and a game x attention grid of the runs, reconciled first."""
+    import math
+
     run_filter = make_filter(experiment, games, attn, None, state, default_experiment=False)
+    # nan would pass a `<= 0` test and make time.sleep fail mid-watch.
+    if not math.isfinite(interval) or interval <= 0:
+        raise UsageError(f"--interval must be a number of seconds > 0, not {interval}")
     registry = _registry()
     if not watch:
         summary = _status_once(registry, run_filter, json_=json_, sync=not no_sync)
@@ -122,8 +131,6 @@ def status(
 
     from rich.live import Live
 
-    if interval <= 0:
-        raise UsageError("--interval must be > 0")
     with Live(console=console, auto_refresh=False) as live:
         while True:
             summary = _status_once(registry, run_filter, json_=False, sync=not no_sync)
@@ -148,15 +155,15 @@ def _status_once(registry: Any, run_filter: Any, *, json_: bool, sync: bool) -> 
 
 def _status_view(summary: Any) -> Any:
     from rich.console import Group
-    from rich.text import Text
 
     if summary.total == 0:
         return Text("no runs match; queue some with `satrl queue --games ... --attn ...`")
-    counts = "  ".join(
-        f"[{STATE_STYLE[name]}]{name} {count}[/]" for name, count in summary.counts.items() if count
-    )
-    return Group(Text.from_markup(f"[bold]{summary.total}[/bold] runs   {counts}"),
-                 _grid(summary.grid))
+    line = Text.assemble((str(summary.total), "bold"), " runs ")
+    for name, count in summary.counts.items():
+        if count:
+            # Text, not markup: a state this satrl does not know is shown plain, as data.
+            line.append("  ").append(f"{name} {count}", STATE_STYLE.get(name, ""))
+    return Group(line, _grid(summary.grid))
 
 
 def _render_status(summary: Any) -> None:
@@ -201,7 +208,10 @@ def runs(
     from sqlalchemy import select
 
     from orchestrator.registry.models import Experiment, Run
-    from orchestrator.registry.queries import RunFilter
+    from orchestrator.registry.queries import MAX_ID, RunFilter
+
+    if not 0 <= limit <= MAX_ID:  # the database would refuse (PostgreSQL) or overflow (SQLite)
+        raise UsageError(f"--limit takes a number of rows >= 0 (0: all), not {limit}")
 
     run_filter: RunFilter = make_filter(experiment, games, attn, seed_list, state,
                                         default_experiment=False)
@@ -222,9 +232,10 @@ def runs(
         return
     table = Table(*keys[:-1], "spec", header_style="bold", box=None)
     for row in rows:
-        values = [str(v) for v in row]
-        values[5] = f"[{STATE_STYLE.get(row[5], '')}]{row[5]}[/]"
-        values[7] = row[7][:12]
+        # Registry text is data, never markup (Text): a '[' in it must print as itself.
+        values = [Text(str(v)) for v in row]
+        values[5].stylize(STATE_STYLE.get(row[5], ""))
+        values[7] = Text(row[7][:12])
         table.add_row(*values)
     console.print(table)
     if limit and len(rows) == limit:
@@ -267,33 +278,37 @@ def show(
     if json_:
         print_json(data)
         return
+    # Everything below comes from the registry (scheduler replies, reasons, paths): escaped, so
+    # an event's "[command: qsub ...]" prints as itself instead of vanishing as a markup tag.
     style = STATE_STYLE.get(data["state"], "")
-    console.print(f"[bold]run {data['id']}[/bold]  {data['experiment']} / {data['game']} / "
-                  f"{data['attn']} / seed {data['seed']}   [{style}]{data['state']}[/]   "
-                  f"attempts {data['attempts']}   spec {data['spec_hash'][:12]}")
+    console.print(f"[bold]run {data['id']}[/bold]  {escape(data['experiment'])} / "
+                  f"{escape(data['game'])} / {escape(data['attn'])} / seed {data['seed']}   "
+                  f"[{style}]{escape(data['state'])}[/]   attempts {data['attempts']}   "
+                  f"spec {escape(data['spec_hash'][:12])}")
     if data["run_dir"]:
-        console.print(f"run directory: {data['run_dir']}")
+        console.print(f"run directory: {data['run_dir']}", highlight=False, markup=False)
     spec = Table("field", "value", box=None, header_style="bold", title="spec")
     for key, value in data["spec"].items():
-        spec.add_row(key, json.dumps(value))
+        spec.add_row(Text(key), Text(json.dumps(value)))
     console.print(spec)
     if data["jobs"]:
         table = Table("attempt", "backend", "job id", "state", "exit", "reason", "node",
                       box=None, header_style="bold", title="jobs")
         for j in data["jobs"]:
-            table.add_row(*(str(j[k]) if j[k] is not None else "" for k in
+            table.add_row(*(Text(str(j[k])) if j[k] is not None else "" for k in
                             ("attempt", "backend", "job_id", "state", "exit_status", "reason",
                              "node")))
         console.print(table)
     table = Table("time", "from", "to", "why", box=None, header_style="bold", title="events")
     for e in data["events"]:
-        table.add_row(str(e["at"])[:19], e["from"] or "", e["to"], e["why"])
+        table.add_row(str(e["at"])[:19], Text(e["from"] or ""), Text(e["to"]), Text(e["why"]))
     console.print(table)
     if data["artifacts"]:
         table = Table("kind", "path", "bytes", "sha256", box=None, header_style="bold",
                       title="artefacts in the store")
         for a in data["artifacts"]:
-            table.add_row(a["kind"], a["path"], str(a["size_bytes"]), a["sha256"][:12])
+            table.add_row(Text(a["kind"]), Text(a["path"]), str(a["size_bytes"]),
+                          Text(a["sha256"][:12]))
         console.print(table)
 
 
@@ -317,7 +332,10 @@ def sql(
         writer.writerow(result.columns)
         writer.writerows(result.rows)
     else:
-        table = Table(*result.columns, box=None, header_style="bold")
+        # Column names and values are the statement's data, never markup ('[/]' is a value).
+        table = Table(box=None, header_style="bold")
+        for column in result.columns:
+            table.add_column(Text(str(column)))
         for row in result.rows:
-            table.add_row(*("" if v is None else str(v) for v in row))
+            table.add_row(*("" if v is None else Text(str(v)) for v in row))
         console.print(table)

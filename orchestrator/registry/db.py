@@ -15,32 +15,79 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session
 
-from orchestrator.errors import SatrlError
+from orchestrator.errors import SatrlError, UsageError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 #: Arbitrary constant naming satrl's migration lock among PostgreSQL advisory locks.
 PG_MIGRATION_LOCK = 0x5A7A1
 
 
+#: The databases the registry's schema and queries are written for.
+BACKENDS = ("sqlite", "postgresql")
+_URL_SOURCES = "SATRL_DATABASE_URL or satrl.toml [registry] url"
+
+
+def shown_url(url: str) -> str:
+    """`url` as messages show it: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url if "@" not in url else "(a URL that does not parse)"
+
+
+def check_database_url(url: str) -> URL:
+    """`url` parsed, or a UsageError saying how to fix it (a typo must not be a traceback)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        # Unparsed, a password cannot be told from the rest: show the URL only without one.
+        shown = f" {url}" if "@" not in url else ""
+        raise UsageError(f"the registry URL{shown} ({_URL_SOURCES}) is not a database URL: "
+                         "give sqlite:///PATH or postgresql://USER@HOST/DB") from None
+    backend = parsed.get_backend_name()
+    if backend not in BACKENDS:
+        raise UsageError(f"the registry URL {shown_url(url)} names {backend!r}: satrl's registry "
+                         "runs on SQLite (sqlite:///PATH) or PostgreSQL (postgresql://...)")
+    return parsed
+
+
+def is_in_memory(url: URL) -> bool:
+    """An SQLite database that lives in one connection's memory (sqlite://, :memory:)."""
+    database = url.database or ""
+    return url.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or url.query.get("mode") == "memory")
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url` with satrl's SQLite settings (WAL, busy timeout, IMMEDIATE writers)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:":
-            try:
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise SatrlError(f"cannot create the registry's folder for {database}: "
-                                 f"{error.strerror}") from None
-        engine = create_engine(url, connect_args={"timeout": 60})
-        _configure_sqlite(engine)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    parsed = check_database_url(url)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database
+            if database and database != ":memory:":
+                try:
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise SatrlError(f"cannot create the registry's folder for {database}: "
+                                     f"{error.strerror}") from None
+            engine = create_engine(url, connect_args={"timeout": 60})
+            _configure_sqlite(engine)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as error:
+        # A driver named in the URL (postgresql+psycopg2://) that is not installed.
+        raise UsageError(f"cannot use the registry at {shown_url(url)}: its driver is not "
+                         f"installed ({error}); plain postgresql:// uses psycopg 3") from None
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -95,6 +142,7 @@ class Registry:
         self.url = url
         self.engine = make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        check_connection(self.engine)
         if upgrade:
             ensure_schema(self.engine)
 
@@ -149,6 +197,19 @@ class Registry:
         self.engine.dispose()
 
 
+def check_connection(engine: Engine) -> None:
+    """Connect once: a server that does not answer, or a file that is no SQLite database,
+    becomes one line naming the registry (the connection stays in the pool for the command)."""
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as error:
+        reason = str(error.orig or error).strip().splitlines()
+        raise SatrlError(f"cannot use the registry at "
+                         f"{engine.url.render_as_string(hide_password=True)}: "
+                         f"{reason[0] if reason else type(error.orig).__name__}") from None
+
+
 def alembic_config(connection: Any = None, url: str | None = None) -> Any:
     from alembic.config import Config
 
@@ -171,6 +232,24 @@ def head_revision() -> str:
     return head
 
 
+@cache
+def known_revisions() -> frozenset[str]:
+    """Every schema revision this satrl's migrations hold."""
+    from alembic.script import ScriptDirectory
+
+    return frozenset(script.revision for script in
+                     ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
+def check_known_revision(engine: Engine, revision: str | None) -> None:
+    """Refuse a registry whose schema a newer satrl wrote: Alembic could neither upgrade nor
+    read it, and this satrl's queries would not match its tables."""
+    if revision is not None and revision not in known_revisions():
+        raise SatrlError(f"the registry at {engine.url.render_as_string(hide_password=True)} is "
+                         f"at schema revision {revision}, which this satrl does not know: a "
+                         "newer satrl made it; upgrade satrl to use it")
+
+
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the database is at (None for an empty database)."""
     with engine.connect() as connection:
@@ -186,11 +265,15 @@ def ensure_schema(engine: Engine) -> bool:
 
     Returns whether an upgrade ran. The common case, a database at head, costs one query.
     """
-    if current_revision(engine) == head_revision():
+    revision = current_revision(engine)
+    if revision == head_revision():
         return False
+    check_known_revision(engine, revision)
     with _migration_lock(engine):
-        if current_revision(engine) == head_revision():
+        revision = current_revision(engine)
+        if revision == head_revision():
             return False
+        check_known_revision(engine, revision)
         upgrade(engine, "head")
         return True
 
@@ -233,10 +316,15 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             connection.commit()
 
 
-def open_registry(url: str | None = None) -> Registry:
+def open_registry(url: str | None = None, *, upgrade: bool = True) -> Registry:
     """The registry of the current workspace (or of `url`), upgraded to head."""
     if url is None:
         from orchestrator.settings import settings
 
         url = settings().database_url
-    return Registry(url)
+    if is_in_memory(check_database_url(url)):
+        # Each command is its own process: an in-memory registry would forget every change.
+        raise UsageError(f"the registry URL {shown_url(url)} is an in-memory database, so "
+                         "nothing would persist: give a file (sqlite:///PATH) or a PostgreSQL "
+                         "URL")
+    return Registry(url, upgrade=upgrade)

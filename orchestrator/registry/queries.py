@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,11 +75,28 @@ def get_experiment(session: Session, name: str) -> Experiment:
     return experiment
 
 
+#: Run and image ids are 64-bit integer keys; seeds are the spec's 0..2**31-1.
+MAX_ID = 2**63 - 1
+MAX_SEED = 2**31 - 1
+#: ASCII digits only: str.isdigit() and int() also take '²' and other scripts' digits.
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_id(text: str) -> int | None:
+    """`text` as a key the database can hold (ASCII digits, at most MAX_ID), else None."""
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 def resolve_run(session: Session, ref: str, experiment: str) -> Run:
     """A run by id (`17`) or by `GAME/ATTN/SEED` in `experiment`."""
     ref = ref.strip()
     if ref.isdigit():
-        run = session.get(Run, int(ref))
+        run_id = parse_id(ref)
+        # An id no key can have (too large, non-ASCII digits) names no run either.
+        run = session.get(Run, run_id) if run_id is not None else None
         if run is None:
             raise NotFoundError(f"no run with id {ref}")
         return run
@@ -88,14 +106,17 @@ def resolve_run(session: Session, ref: str, experiment: str) -> Run:
     from orchestrator.catalog import parse_attn_one, parse_game
 
     game, attn = parse_game(parts[0]), parse_attn_one(parts[1])
-    try:
-        seed = int(parts[2])
-    except ValueError:
-        raise UsageError(f"seed {parts[2]!r} in {ref!r} is not an integer") from None
-    return get_run(session, experiment, game, attn, seed)
+    if not _DIGITS.fullmatch(parts[2].strip()):
+        raise UsageError(f"seed {parts[2]!r} in {ref!r} is not a non-negative integer")
+    return get_run(session, experiment, game, attn, int(parts[2]))
 
 
 def get_run(session: Session, experiment: str, game: str, attn: str, seed: int) -> Run:
+    if not 0 <= seed <= MAX_SEED:
+        # No run can have it, and the database cannot compare with it (an overflow).
+        get_experiment(session, experiment)
+        raise NotFoundError(f"no run {game}/{attn}/{seed} in experiment {experiment!r} "
+                            f"(seeds are 0..{MAX_SEED})")
     run = session.scalar(
         select(Run).join(Experiment, Run.experiment_id == Experiment.id).where(
             Experiment.name == experiment, Run.game == game, Run.attn == attn, Run.seed == seed
