@@ -67,8 +67,12 @@ def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = Fal
     # Store the parsed values, so `--set total_timesteps=2e6` and `=2000000` are one experiment.
     base = resolve_spec(request.preset, request.overrides)
     overrides = {key: getattr(base, key) for key in request.overrides or {}}
-    if dry_run:
+    if dry_run:  # the same checks as a real queue, read-only
         with registry.session() as session:
+            recorded = session.scalars(select(Experiment)
+                                       .where(Experiment.name == request.experiment)).first()
+            if recorded is not None:
+                _check_experiment(recorded, request.preset, overrides)
             existing = _existing(session, request.experiment, specs)
             _check_same_specs(existing, specs)
         return QueueResult(request.experiment, len(specs), len(specs) - len(existing),
@@ -103,16 +107,38 @@ def _experiment(session: Session, registry: Registry, name: str, preset: str,
         ["name"], Experiment.id,
     )
     experiment = session.scalars(select(Experiment).where(Experiment.name == name)).one()
+    _check_experiment(experiment, preset, overrides)
+    return experiment
+
+
+def _check_experiment(experiment: Experiment, preset: str, overrides: dict[str, Any]) -> None:
+    """Refuse adding runs to an imported experiment, or with other scientific settings.
+
+    Settings compare as the specs they resolve to, not as the words that gave them: `--set
+    engine=sb3` repeating the preset's own value, or an execution field (checkpoint interval,
+    engine, threads) that does not change results, is the same experiment.
+    """
+    name = experiment.name
     if experiment.imported:
         raise ConflictError(f"experiment {name!r} holds imported results; queue into another "
                             "--experiment")
-    if experiment.preset != preset or experiment.overrides != overrides:
+    if experiment.preset == preset and experiment.overrides == overrides:
+        return
+    recorded = _base_hash(experiment.preset, experiment.overrides)
+    requested = _base_hash(preset, overrides)
+    if recorded != requested:
         raise ConflictError(
             f"experiment {name!r} was queued with preset {experiment.preset} and overrides "
-            f"{_fmt(experiment.overrides)}, not {preset} and {_fmt(overrides)}: "
-            "use another --experiment for other settings"
+            f"{_fmt(experiment.overrides)} (spec {recorded[:12]}), not {preset} and "
+            f"{_fmt(overrides)} (spec {requested[:12]}): use another --experiment for other "
+            "scientific settings"
         )
-    return experiment
+
+
+def _base_hash(preset: str, overrides: dict[str, Any]) -> str:
+    """The spec hash of a preset with overrides, for one fixed game, type and seed."""
+    spec = catalog.preset(preset).with_overrides(overrides or {})
+    return spec.replace(game="Pong", attn="NA", seed=0).spec_hash()
 
 
 def _existing(session: Session, experiment: str, specs: list[RunSpec]) -> dict[tuple, str]:

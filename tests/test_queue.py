@@ -86,10 +86,27 @@ def test_other_settings_in_an_existing_experiment_are_refused(
         workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     _queue_json(capsys, "--games", "Pong", "--attn", "NA", "--seeds", "1")
     capsys.readouterr()
-    assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1",
-                "--set", "ent_coef=0.02"]) == 3
-    assert "another --experiment" in capsys.readouterr().err
+    for dry_run in (["--dry-run"], []):  # a dry run refuses what the real queue refuses
+        assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1",
+                    "--set", "ent_coef=0.02", *dry_run]) == 3
+        err = capsys.readouterr().err
+        assert "another --experiment" in err and len(err.strip().splitlines()) == 1
+        assert "(spec " in err  # both base specs' hashes are named
+    assert run(["queue", "--games", "Breakout", "--attn", "NA", "--seeds", "1",
+                "--preset", "smoke", "--dry-run"]) == 3
     assert _count(database_url) == 1
+
+
+def test_the_same_science_in_other_words_joins_an_existing_experiment(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _queue_json(capsys, "--games", "Pong", "--attn", "NA", "--seeds", "1", "--preset", "smoke")
+    # The preset's own value, and an execution field (not in the spec hash), add runs.
+    same = _queue_json(capsys, "--games", "Breakout", "--attn", "NA", "--seeds", "1",
+                       "--preset", "smoke", "--set", "engine=sb3")
+    execution = _queue_json(capsys, "--games", "Qbert", "--attn", "NA", "--seeds", "1",
+                            "--preset", "smoke", "--set", "checkpoint_every_steps=2048")
+    assert (same["added"], execution["added"]) == (1, 1)
+    assert _count(database_url) == 3
 
 
 @pytest.mark.parametrize(
