@@ -254,3 +254,19 @@ def test_requeue_checks_the_dispatch_config_of_the_backend_it_names(
         assert run(["requeue", "Pong/NA/0", "--backend", "slurm"]) == 2
         assert message in _one_line(capsys.readouterr().err)
         assert _states(capsys) == before
+
+
+@pytest.mark.parametrize("command", [["runs"], ["status"], ["sync"], ["fetch", "--all"],
+                                     ["cancel", "--all"], ["dispatch", "--dry-run"]])
+def test_an_experiment_the_registry_does_not_hold_is_one_line(
+        workspace: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    # A typo'd --experiment selected no runs and looked like an empty (or finished) study.
+    from orchestrator.cli import run
+
+    _queued_run(capsys)
+    before = _states(capsys)
+    assert run([*command, "--experiment", "mian"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "no experiment 'mian'" in line and "did you mean main" in line
+    assert _states(capsys) == before
+    assert run([*command, "--experiment", "main"]) in (0, 1)  # the real name still works

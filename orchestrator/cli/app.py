@@ -162,10 +162,33 @@ def make_filter(
     from orchestrator import catalog
     from orchestrator.registry.queries import RunFilter, parse_states
 
-    return RunFilter(
+    run_filter = RunFilter(
         experiment=current_experiment(experiment) if default_experiment else experiment,
         games=tuple(catalog.parse_games(games)) if games else (),
         attns=tuple(catalog.parse_attn(attn)) if attn else (),
         seeds=tuple(catalog.parse_seeds(None, seed_list)) if seed_list else (),
         states=parse_states(state),
     )
+    if experiment is not None:
+        check_known_experiment(current_experiment(experiment))
+    return run_filter
+
+
+def check_known_experiment(name: str) -> None:
+    """UsageError, with the nearest name, for an --experiment the registry does not hold: a
+    typo would otherwise select no runs and look like an empty (or finished) study."""
+    from sqlalchemy import select
+
+    from agents.catalog import nearest
+    from orchestrator.registry.db import open_registry
+    from orchestrator.registry.models import Experiment
+
+    registry = open_registry()
+    try:
+        with registry.session() as session:
+            names = list(session.scalars(select(Experiment.name).order_by(Experiment.name)))
+    finally:
+        registry.dispose()
+    if name not in names:
+        known = f"; experiments: {', '.join(names[:10])}" if names else "; none is queued yet"
+        raise UsageError(f"no experiment {name!r}{nearest(name, names)}{known}")
