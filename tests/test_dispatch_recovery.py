@@ -423,6 +423,9 @@ def test_cancel_settles_runs_whose_worker_already_wrote_its_exit_json_and_cancel
         (run_ids[0], "succeeded"), (run_ids[1], "failed")]
     assert preview.jobs == {"slurm": ["81_2"]} and stand_in.cancelled == []
     assert [_states(registry)[rid] for rid in run_ids] == ["submitted"] * 3 + ["queued"]
+    code, out, _ = cli(capsys, "cancel", "--all", "--dry-run")  # the words say so too
+    assert code == 0 and "would cancel 2 run(s)" in out
+    assert "would settle 2 finished run(s) from their exit.json" in out and "-> succeeded" in out
 
     result = runctl.cancel(registry, settings(), everything)
     assert [rid for rid, _ in result.cancelled] == run_ids[2:]

@@ -308,6 +308,11 @@ def cancel_command(
     if dry_run:
         for _, key in result.cancelled:
             console.print(f"  {key}", highlight=False, markup=False)
+    if result.settled:  # their workers had finished: exit.json, not the cancel, says how
+        console.print(f"{'would settle' if dry_run else 'settled'} {len(result.settled)} "
+                      "finished run(s) from their exit.json instead")
+        for _, key, state in result.settled:
+            console.print(f"  {key} -> {state}", highlight=False, markup=False)
 
 
 @app.command("logs")
