@@ -5,8 +5,8 @@
 #
 # The one install script of containers/cuda.def, containers/rocm.def (%post) and the top-level
 # Containerfile (RUN). Every version comes from versions.env next to this script.
-#  1. Reads the base image's torch: its version string (torch.__version__, e.g. 2.7.1+cu128 or
-#     2.7.1+rocm6.4.1), its installed distribution version (what pip compares; conda-built torch
+#  1. Reads the base image's torch: its version string (torch.__version__, e.g. 2.8.0+cu128 or
+#     2.8.0+rocm7.0.0), its installed distribution version (what pip compares; conda-built torch
 #     may lack the +local tag there), its CUDA/HIP build and its location. With a flavor, checks
 #     that torch is that build and the release versions.env pins for it.
 #  2. Pins torch to exactly that distribution version in a constraints file.

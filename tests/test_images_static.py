@@ -223,3 +223,27 @@ def test_definition_hash_covers_the_definition_install_script_and_pins(tmp_path:
     assert source_root(copy) == copy.resolve()
     with pytest.raises(UsageError, match="not a satrl source checkout"):
         source_root(tmp_path)
+
+
+@pytest.mark.parametrize("flavor", ["cuda", "rocm"])
+def test_each_images_torch_satisfies_the_pinned_dependencies(flavor: str,
+                                                             pins: dict[str, str]) -> None:
+    # install.sh keeps the base's torch: a pinned dependency that needs a newer one (as
+    # stable-baselines3 2.9.2 needs torch >= 2.8) makes every build fail at its pip step.
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    torch_pin = pins[f"{flavor.upper()}_TORCH_VERSION"]
+    project = [Requirement(r) for r in metadata.requires("satrl") or []]
+    pinned = [r.name for r in project if str(r.specifier).startswith("==")]
+    assert "stable-baselines3" in pinned
+    needs = [("satrl", r) for r in project if r.name == "torch"]
+    for name in pinned:
+        needs += [(name, req) for text in metadata.requires(name) or []
+                  if (req := Requirement(text)).name == "torch" and req.marker is None]
+    assert needs, "no requirement on torch found"
+    for name, requirement in needs:
+        assert requirement.specifier.contains(torch_pin), (
+            f"{flavor}: torch {torch_pin} of the base image does not satisfy {name}'s "
+            f"{requirement}")
