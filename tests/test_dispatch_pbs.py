@@ -139,7 +139,9 @@ def test_dispatch_in_an_image_refuses_a_scratch_path_apptainer_would_split(
     folder.mkdir()
     monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
     scratch = tmp_path / f"scratch{separator}2024"
-    image = '[image]\npath = "/shared/images/satrl.sif"\nflavor = "cuda"\n'
+    sif = tmp_path / "satrl.sif"  # an image file that exists: only the scratch path is wrong
+    sif.write_bytes(b"SIF")
+    image = f'[image]\npath = "{sif}"\nflavor = "cuda"\n'
     configure(workspace, f'[paths]\nscratch = "{scratch}"\n{image}', dispatch='backend = "pbs"')
     assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list", "0",
                *TINY)[0] == 0
