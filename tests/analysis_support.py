@@ -45,3 +45,33 @@ def make_study(registry: Registry, experiment: str, games: list[str], attns: lis
 def constant_run(value: float, n_evals: int = N_EVALS, episodes: int = 2) -> list[list[float]]:
     """A run whose every episode scores `value` (its mean over the period is `value`)."""
     return [[value] * episodes for _ in range(n_evals)]
+
+
+def add_evaluations(registry: Registry, experiment: str, key: tuple[str, str, int],
+                    evaluations: dict[int, list[float]]) -> None:
+    """Give the run `key` more evaluations, at any timesteps: timestep -> episode scores."""
+    game, attn, seed = key
+    with registry.write() as session:
+        run_id = session.scalars(
+            select(Run.id).join(Experiment)
+            .where(Experiment.name == experiment, Run.game == game, Run.attn == attn,
+                   Run.seed == seed)).one()
+        session.execute(Evaluation.__table__.insert(), [
+            {"run_id": run_id, "timestep": timestep, "episode": k, "score": score,
+             "length": 100, "n_episodes": 1}
+            for timestep, scores in evaluations.items() for k, score in enumerate(scores)])
+
+
+def remove_evaluations(registry: Registry, experiment: str, key: tuple[str, str, int],
+                       timestep: int) -> None:
+    """Delete the run `key`'s evaluation at `timestep`."""
+    from sqlalchemy import delete
+
+    game, attn, seed = key
+    with registry.write() as session:
+        run_id = session.scalars(
+            select(Run.id).join(Experiment)
+            .where(Experiment.name == experiment, Run.game == game, Run.attn == attn,
+                   Run.seed == seed)).one()
+        session.execute(delete(Evaluation).where(Evaluation.run_id == run_id,
+                                                 Evaluation.timestep == timestep))

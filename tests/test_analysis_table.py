@@ -59,8 +59,9 @@ EXPECTED = {
     ("Breakout", "CWCA"): (3.0, 0.0, 2),
     ("Hero", "NA"): (100.0, 0.0, 2), ("Hero", "SWA"): (55.0, 5 * SE_ONE_APART, 2),
     ("Hero", "CWCA"): (100.0, 10 * SE_ONE_APART, 2),
-    ("Alien", "NA"): (1000.0, 0.0, 2), ("Alien", "SWA"): (200.0, 0.0, 1),
-    ("Alien", "CWCA"): (5000.0, 0.0, 1),
+    # One seed: no spread, the standard error is undefined (None), not 0.
+    ("Alien", "NA"): (1000.0, 0.0, 2), ("Alien", "SWA"): (200.0, None, 1),
+    ("Alien", "CWCA"): (5000.0, None, 1),
 }
 
 
@@ -79,9 +80,10 @@ def test_cells_winners_and_wins_by_hand(study) -> None:  # type: ignore[no-untyp
         cell = table.cell(*key)
         assert (cell.n_seeds, cell.expected_seeds) == (n, 2), key
         assert cell.mean == pytest.approx(mean, abs=1e-12), key
-        assert cell.std_error == pytest.approx(se, abs=1e-12), key
+        assert cell.std_error == (None if se is None else pytest.approx(se, abs=1e-12)), key
+    # Alien: CWCA's one seed (5000) is no candidate, only complete cells are.
     assert table.winners == {"Pong": ["CWCA"], "Breakout": ["SWA"], "Hero": ["NA", "CWCA"],
-                             "Alien": ["CWCA"]}
+                             "Alien": ["NA"]}
     # Alien is incomplete: its winner is shown but not counted.
     assert table.complete_games == ["Breakout", "Hero", "Pong"]
     assert table.wins() == {"NA": 1, "SWA": 1, "CWCA": 2}
@@ -128,11 +130,14 @@ def test_report_csv_from_the_cli_matches_the_hand_table(study, workspace, capsys
     for key, (mean, se, n) in EXPECTED.items():
         row = by_key[key]
         assert float(row["mean"]) == pytest.approx(mean, abs=1e-12)
-        assert float(row["std_error"]) == pytest.approx(se, abs=1e-12)
+        if se is None:
+            assert row["std_error"] == ""
+        else:
+            assert float(row["std_error"]) == pytest.approx(se, abs=1e-12)
         assert int(row["n_seeds"]) == n and row["complete"] == str(int(n == 2))
     winners = sorted(k for k, r in by_key.items() if r["winner"] == "1")
     assert winners == sorted([("Pong", "CWCA"), ("Breakout", "SWA"), ("Hero", "NA"),
-                              ("Hero", "CWCA"), ("Alien", "CWCA")])
+                              ("Hero", "CWCA"), ("Alien", "NA")])
 
 
 def test_report_table_shows_gaps_and_wins(study, workspace, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -140,7 +145,7 @@ def test_report_table_shows_gaps_and_wins(study, workspace, capsys) -> None:  # 
     out = capsys.readouterr().out
     assert "Gaps" in out
     assert "Alien/CWCA/1 [queued]" in out and "Alien/SWA/1 [queued, 2/4]" in out
-    assert "5000.0 ± 0.00 (1/2 seeds)" in out
+    assert "5000.0 ± n/a (1/2 seeds)" in out
     wins_line = next(line for line in out.splitlines() if line.startswith("wins"))
     assert wins_line.split()[-3:] == ["1", "1", "2"]
 

@@ -250,6 +250,33 @@ def test_malformed_files_are_refused_with_one_line(
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("timesteps", [
+    np.arange(0, 50) * 200_000,  # 0 .. 9,800,000: shifted one evaluation early
+    np.arange(1, 61) * 200_000,  # 200,000 .. 12,000,000: past the budget
+    np.arange(50, 0, -1) * 200_000,  # the right values, descending
+    np.arange(1, 51) * 7,  # 7 .. 350: another grid
+    np.delete(np.arange(1, 52) * 200_000, 0),  # 400,000 .. 10,200,000
+], ids=["from-0", "to-12M", "descending", "7-to-350", "from-400k"])
+def test_a_cell_off_the_papers_evaluation_grid_is_refused_and_nothing_imported(
+        timesteps: np.ndarray, workspace: Path, tmp_path: Path, database_url: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The runs are recorded with the paper spec and scored on its grid: any other is refused."""
+    data = published_arrays()
+    pong = {"timesteps": timesteps,
+            "mean_per_eval": np.zeros((len(timesteps), 5)) - 20.0}
+    path = tmp_path / "shifted.pkl"
+    path.write_bytes(pickle.dumps({"BreakoutNoFrameskip-v4": data["BreakoutNoFrameskip-v4"],
+                                   "PongNoFrameskip-v4": {"NA": pong}}))
+    assert run(["import-results", str(path), "-e", "shifted"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "Pong/NA: timesteps must be the paper's evaluation grid" in err
+    assert "200,000, 400,000, ..., 10,000,000 (50 evaluations)" in err
+    with Registry(database_url).session() as session:
+        assert session.scalar(select(func.count()).select_from(Experiment)) == 0
+        assert session.scalar(select(func.count()).select_from(Run)) == 0
+
+
 def test_missing_file(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["import-results", "nope.pkl", "-e", "x"]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -75,16 +76,32 @@ def test_csv_out_writes_one_file_per_table(two_studies, tmp_path: Path) -> None:
 
 
 def test_compare_by_hand(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]
-    """new = old + 1 in every run; old's cells have s.e. 0.5 / sqrt(2) = 0.354."""
+    """Welch's t-test of each cell's two seeds (x, x + 1) against the other study's.
+
+    Every cell a side has s^2 = 0.5 (ddof=1), so t = d / sqrt(0.5 / 2 + 0.5 / 2) = d sqrt(2) with
+    2 degrees of freedom, where P(|T| >= t) = 1 - t / sqrt(2 + t^2).
+    """
+    def p_value(difference: float) -> str:
+        t = difference * math.sqrt(2)
+        return f"{1 - t / math.sqrt(2 + t * t):.3g}"
+
+    # new = old + 1: p = 0.293, no evidence of a difference with two seeds a side.
     assert run(["report", "-e", "new", "--compare", "old", "-f", "md", "--reps", "20"]) == 0
     md = capsys.readouterr().out
-    # |+1| > 1.96 x 0.354 = 0.69: outside the band.
-    assert "| Pong | NA | -18.50 | -19.50 ± 0.35 | +1.00 | **yes** |" in md
-    assert "4 of 4 cells" in md
+    assert p_value(1.0) == "0.293"
+    assert f"| Pong | NA | -18.50 ± 0.35 | -19.50 ± 0.35 | +1.00 | {p_value(1.0)} |  |" in md
+    assert "differs: p < 0.05; 0 of 4 tested cells" in md and "Welch" in md
+    # far = old + 10: p = 0.005 in every cell.
+    _study(two_studies, "far", 10.0)
+    assert run(["report", "-e", "far", "--compare", "old", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    assert (f"| Pong | NA | -9.50 ± 0.35 | -19.50 ± 0.35 | +10.00 | {p_value(10.0)} | **yes** |"
+            in md)
+    assert "4 of 4 tested cells" in md
     assert run(["report", "-e", "old", "--compare", "old", "-f", "md", "--reps", "20"]) == 0
     md = capsys.readouterr().out
-    assert "| Pong | NA | -19.50 | -19.50 ± 0.35 | +0.00 |  |" in md
-    assert "0 of 4 cells" in md
+    assert "| Pong | NA | -19.50 ± 0.35 | -19.50 ± 0.35 | +0.00 | 1 |  |" in md
+    assert "0 of 4 tested cells" in md
 
 
 def test_same_seed_same_report(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]

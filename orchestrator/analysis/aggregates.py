@@ -6,8 +6,9 @@ Median, IQM, Mean and Optimality Gap with stratified-bootstrap 95% confidence in
 types' runs pooled, one pair per type); score-distribution performance profiles over tau in
 [0, 8]; and the sample-efficiency curve, IQM at evaluations 0, 5, ..., 45 and the last.
 
-Only complete games enter (every type has every seed): rliable's estimators need full matrices,
-and the report lists the games left out. rliable's StratifiedBootstrap draws its indices from
+Only complete games enter (every type has every seed), with one number of seeds for all: rliable's
+estimators need full matrices, and the report lists the games left out. Evaluations are placed on
+the study's evaluation grid by timestep. rliable's StratifiedBootstrap draws its indices from
 numpy's global generator (its `random_state` does not reach them), so each estimate runs under a
 fixed global seed, restored afterwards, and the output is reproducible.
 
@@ -20,6 +21,7 @@ once per tau). The bootstrap itself is rliable's.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +42,8 @@ class Aggregates:
     """Point estimates and 95% CIs per type; arrays follow METRICS, TAUS and `eval_points`."""
 
     games: list[str]
+    #: Complete games with another number of seeds than `games` (see `aggregate_games`).
+    games_left_out: list[str]
     attns: list[str]
     reps: int
     seed: int
@@ -98,31 +102,48 @@ def efficiency_points(n_evaluations: int) -> list[int]:
     return points
 
 
+def aggregate_games(table: GameTable) -> tuple[list[str], list[str]]:
+    """The complete games that enter the aggregates, and the complete games left out.
+
+    rliable's estimators need a full (runs x games) matrix, so every game must have the same
+    number of seeds: the games of the seed count most complete games share (the larger on a tie)
+    enter; complete games with another count are left out and listed.
+    """
+    complete = table.complete_games
+    counts = Counter(table.expected_seeds[g] for g in complete)
+    if not counts:
+        return [], []
+    n_seeds = max(counts, key=lambda n: (counts[n], n))
+    return ([g for g in complete if table.expected_seeds[g] == n_seeds],
+            [g for g in complete if table.expected_seeds[g] != n_seeds])
+
+
 def score_matrices(study: StudyScores, table: GameTable, reference: dict[str, Reference],
                    games: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                               list[int]]:
     """Per type: (runs x games) normalised run means, (runs x games x evaluations) eval means.
 
-    The evaluation axis holds each run's first `expected_evaluations` evaluations in timestep
-    order (complete runs have at least that many); the shared timesteps are returned too.
+    The evaluation axis is the study's evaluation grid: each run's evaluation at each grid
+    timestep (complete runs have one at every point), placed by timestep, not by position. The
+    grid's timesteps are returned too. `games` must share one number of seeds.
     """
-    n_evals = study.expected_evaluations
+    grid = study.grid
+    n_seeds = table.expected_seeds[games[0]] if games else 0
     finals: dict[str, np.ndarray] = {}
     per_eval: dict[str, np.ndarray] = {}
-    timesteps: list[int] = []
     for attn in table.attns:
-        final = np.empty((table.expected_seeds, len(games)))
-        evals = np.empty((table.expected_seeds, len(games), n_evals))
+        final = np.empty((n_seeds, len(games)))
+        evals = np.empty((n_seeds, len(games), len(grid)))
         for j, game in enumerate(games):
             runs = study.complete_runs(game, attn)
+            if len(runs) != n_seeds:
+                raise ValueError(f"{game}/{attn}: {len(runs)} complete runs, not {n_seeds}")
             for i, run in enumerate(runs):
                 final[i, j] = run.mean_score
-                evals[i, j] = run.eval_means[:n_evals]
-                if not timesteps:
-                    timesteps = run.timesteps[:n_evals].tolist()
+                evals[i, j] = run.grid_means
         finals[attn] = normalise(final, games, reference)
         per_eval[attn] = normalise(evals, games, reference)
-    return finals, per_eval, timesteps
+    return finals, per_eval, grid.tolist()
 
 
 def compute_aggregates(study: StudyScores, table: GameTable, reference: dict[str, Reference],
@@ -130,7 +151,7 @@ def compute_aggregates(study: StudyScores, table: GameTable, reference: dict[str
     """rliable's estimates over the complete games; None when no game is complete."""
     from rliable import library as rly
 
-    games = table.complete_games
+    games, left_out = aggregate_games(table)
     if not games or not table.attns or study.expected_evaluations == 0:
         return None
     finals, per_eval, timesteps = score_matrices(study, table, reference, games)
@@ -162,7 +183,7 @@ def compute_aggregates(study: StudyScores, table: GameTable, reference: dict[str
     with seeded(seed + 3):
         efficiency, efficiency_ci = rly.get_interval_estimates(sampled, iqm_per_point, reps=reps)
     return Aggregates(
-        games=games, attns=list(table.attns), reps=reps, seed=seed,
+        games=games, games_left_out=left_out, attns=list(table.attns), reps=reps, seed=seed,
         point={a: np.asarray(v) for a, v in point.items()},
         ci={a: np.asarray(v) for a, v in ci.items()},
         poi=poi, poi_ci=poi_ci,

@@ -1,19 +1,97 @@
 """`satrl report --compare OTHER`: this study's cells against another's, game by game and type.
 
-For each (game, type) present and complete in both tables: this mean, the other's mean and
-standard error, the difference, and whether this mean lies outside the other's 95% confidence
-band (mean +- 1.96 s.e., the normal approximation over the other's seeds).
+For each (game, type) complete in both tables: both means with their standard errors (the
+table's), the difference, and Welch's two-sample t-test of the two cells' per-seed scores: t from
+both cells' sample variances (ddof=1), the Welch-Satterthwaite degrees of freedom, and the
+two-sided p-value from Student's t distribution. A cell *differs* when p < ALPHA. Both studies'
+uncertainty counts, so two studies of the same distribution differ in about ALPHA of their cells
+by chance alone; a cell with fewer than two seeds on either side has no test (p is None).
+
+Student's t distribution is computed here (its CDF is a regularised incomplete beta function,
+evaluated by its continued fraction), so the comparison needs nothing beyond the standard library.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agents.catalog import ATTENTION_TYPES
 from orchestrator.analysis.table import GameTable
 
-#: Half-width of the other study's confidence band, in standard errors (95%, normal).
-BAND_Z = 1.96
+#: Significance level of the two-sided test: a cell differs when p < ALPHA.
+ALPHA = 0.05
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny, eps = 1e-300, 1e-16
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    # The fraction converges fast on this side of the mean; the other side by symmetry.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` (> 0, not necessarily whole) degrees of freedom."""
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0
+    return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+@dataclass(frozen=True)
+class WelchTest:
+    t: float
+    df: float
+    p_value: float
+
+
+def welch_test(x: Sequence[float], y: Sequence[float]) -> WelchTest | None:
+    """Welch's two-sample t-test of the means of `x` and `y`; None below two values on a side.
+
+    Two samples without any spread: p is 1 for equal means and 0 for different ones.
+    """
+    n_x, n_y = len(x), len(y)
+    if n_x < 2 or n_y < 2:
+        return None
+    mean_x, mean_y = math.fsum(x) / n_x, math.fsum(y) / n_y
+    var_x = math.fsum((v - mean_x) ** 2 for v in x) / (n_x - 1) / n_x  # squared s.e., ddof=1
+    var_y = math.fsum((v - mean_y) ** 2 for v in y) / (n_y - 1) / n_y
+    spread = var_x + var_y
+    difference = mean_x - mean_y
+    if spread == 0.0:
+        return WelchTest(0.0 if difference == 0 else math.copysign(math.inf, difference),
+                         float(n_x + n_y - 2), 1.0 if difference == 0 else 0.0)
+    t = difference / math.sqrt(spread)
+    df = spread ** 2 / (var_x ** 2 / (n_x - 1) + var_y ** 2 / (n_y - 1))
+    return WelchTest(t, df, t_two_sided_p(t, df))
 
 
 @dataclass(frozen=True)
@@ -21,10 +99,17 @@ class CompareRow:
     game: str
     attn: str
     mean: float
+    std_error: float | None
     other_mean: float
-    other_std_error: float
+    other_std_error: float | None
     difference: float
-    outside: bool
+    #: Welch's two-sided p-value; None when a cell has fewer than two seeds.
+    p_value: float | None
+
+    @property
+    def differs(self) -> bool:
+        """The two cells' seed scores differ at level ALPHA (Welch's t-test)."""
+        return self.p_value is not None and self.p_value < ALPHA
 
 
 @dataclass
@@ -35,8 +120,12 @@ class Comparison:
     unmatched: list[tuple[str, str]]
 
     @property
-    def n_outside(self) -> int:
-        return sum(r.outside for r in self.rows)
+    def n_differ(self) -> int:
+        return sum(r.differs for r in self.rows)
+
+    @property
+    def n_tested(self) -> int:
+        return sum(r.p_value is not None for r in self.rows)
 
 
 def compare_tables(this: GameTable, other: GameTable, other_name: str) -> Comparison:
@@ -49,9 +138,8 @@ def compare_tables(this: GameTable, other: GameTable, other_name: str) -> Compar
         if a is None or b is None or not (a.complete and b.complete):
             unmatched.append(key)
             continue
-        assert a.mean is not None and b.mean is not None and b.std_error is not None
-        difference = a.mean - b.mean
-        rows.append(CompareRow(key[0], key[1], a.mean, b.mean, b.std_error, difference,
-                               abs(difference) > BAND_Z * b.std_error))
+        assert a.mean is not None and b.mean is not None
+        test = welch_test(a.seed_scores, b.seed_scores)
+        rows.append(CompareRow(key[0], key[1], a.mean, a.std_error, b.mean, b.std_error,
+                               a.mean - b.mean, None if test is None else test.p_value))
     return Comparison(other_name, rows, unmatched)
-

@@ -40,19 +40,23 @@ class Curve:
 
 
 def learning_curves(study: StudyScores) -> dict[str, list[Curve]]:
-    """game -> one curve per type that has complete runs, over its first expected evaluations."""
-    n = study.expected_evaluations
+    """game -> one curve per type that has complete runs, over the study's evaluation grid.
+
+    Each run's evaluations are placed on the grid by timestep (complete runs have one at every
+    point); evaluations off the grid are not drawn.
+    """
+    grid = study.grid
     curves: dict[str, list[Curve]] = {}
     for game in study.games:
         for attn in study.attns:
             runs = study.complete_runs(game, attn)
-            if not runs or n == 0:
+            if not runs or len(grid) == 0:
                 continue
-            matrix = np.stack([r.eval_means[:n] for r in runs])
+            matrix = np.stack([r.grid_means for r in runs])
             mean = matrix.mean(axis=0)
             se = matrix.std(axis=0, ddof=0) / np.sqrt(len(runs))
             smooth, smooth_se = debiased_ema(mean), debiased_ema(se)
             curves.setdefault(game, []).append(Curve(
-                game, attn, len(runs), runs[0].timesteps[:n], smooth, smooth - smooth_se,
+                game, attn, len(runs), grid.copy(), smooth, smooth - smooth_se,
                 smooth + smooth_se))
     return curves

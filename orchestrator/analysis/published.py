@@ -13,6 +13,10 @@ format (README of the reference data) before one transaction writes it:
   event (None -> succeeded, "imported from <file>");
 - one evaluations row per (run, timestep): episode NULL, n_episodes 5, score the 5-episode mean.
 
+Every cell's timesteps must be exactly the paper spec's evaluation grid (200,000, 400,000, ...,
+10,000,000): the runs are recorded with that spec and scored on that grid, so a file on another
+grid (shifted, longer, shorter, reordered) is refused before anything is written.
+
 Importing the same file into the same experiment again adds nothing; another file into an
 experiment that already holds an import is refused (the file's sha256 is kept in the notes).
 """
@@ -33,12 +37,26 @@ from sqlalchemy.orm import Session
 
 from agents.catalog import ATTENTION_TYPES, GAMES, PAPER_SEEDS, game_from_env_id
 from agents.spec import PAPER
+from orchestrator.analysis.scores import evaluation_grid
 from orchestrator.errors import ConflictError, NotFoundError, UsageError
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Evaluation, Event, Experiment, Run, RunState
 
 #: Episodes behind each published evaluation score (a 5-episode mean).
 PUBLISHED_EPISODES = 5
+#: The timesteps of the published evaluations: the paper spec's grid (200,000 .. 10,000,000).
+PAPER_GRID = evaluation_grid(PAPER.to_dict())
+
+
+def _span(timesteps: np.ndarray) -> str:
+    """A timestep array in a few words: its first two values, its last and its length."""
+    n = len(timesteps)
+    if n == 0:
+        return "no timesteps"
+    shown = ", ".join(f"{int(t):,}" for t in timesteps[:2])
+    if n > 2:
+        shown += f", ..., {int(timesteps[-1]):,}"
+    return f"{shown} ({n} evaluation{'s' if n != 1 else ''})"
 
 
 class UnsafePickleError(UsageError):
@@ -155,8 +173,9 @@ def _cell(game: str, attn: str, inner: Any) -> PublishedCell:
                          f"({timesteps.shape[0]}, {len(PAPER_SEEDS)}) = evaluations x seeds")
     if not np.issubdtype(scores.dtype, np.number) or not np.isfinite(scores).all():
         raise UsageError(f"{where}: mean_per_eval must hold finite numbers")
-    if len(np.unique(timesteps)) != len(timesteps):
-        raise UsageError(f"{where}: repeated timesteps")
+    if not np.array_equal(timesteps, PAPER_GRID):
+        raise UsageError(f"{where}: timesteps must be the paper's evaluation grid "
+                         f"{_span(PAPER_GRID)}; the file has {_span(timesteps)}")
     return PublishedCell(game, attn, timesteps.astype(np.int64), scores.astype(np.float64))
 
 

@@ -12,13 +12,14 @@ import base64
 import csv
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.catalog import AXES, GAMES
 from agents.rundir import write_bytes
 from orchestrator.analysis.aggregates import METRICS
-from orchestrator.analysis.compare import BAND_Z
+from orchestrator.analysis.compare import ALPHA
 from orchestrator.analysis.report import Report
 from orchestrator.analysis.table import Cell
 
@@ -47,14 +48,27 @@ def _num(x: float) -> str:
     return f"{x:.2f}" if abs(x) < 1000 else f"{x:.1f}"
 
 
+def _mean_se(mean: float, std_error: float | None) -> str:
+    # One seed has no spread: its standard error is undefined, not zero.
+    return f"{_num(mean)} ± {'n/a' if std_error is None else _num(std_error)}"
+
+
 def _cell(cell: Cell, winner: bool) -> Value:
-    if cell.mean is None or cell.std_error is None:
+    if cell.mean is None:
         return Value(f"missing (0/{cell.expected_seeds} seeds)", warn=True)
-    text = f"{_num(cell.mean)} ± {_num(cell.std_error)}"
+    text = _mean_se(cell.mean, cell.std_error)
     if not cell.complete:
         return Value(f"{text} ({cell.n_seeds}/{cell.expected_seeds} seeds)", bold=winner,
                      warn=True)
     return Value(text, bold=winner)
+
+
+def _grid_text(grid: Sequence[int]) -> str:
+    if len(grid) == 0:
+        return ""
+    if len(grid) == 1:
+        return f" (at {grid[0]:,} steps)"
+    return f" (at {grid[0]:,}, {grid[1]:,}, ..., {grid[-1]:,} steps)"
 
 
 def _ci(point: float, low: float, high: float) -> str:
@@ -69,12 +83,13 @@ def sections(report: Report) -> list[Section]:
     header.notes.append(
         f"{len(study.runs)} runs: {len(study.games)} games x {len(study.attns)} types x "
         f"{len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}); "
-        f"{study.expected_evaluations} evaluations per complete run.")
+        f"{study.expected_evaluations} evaluations per complete run{_grid_text(study.grid)}.")
     if study.imported:
         header.notes.append(f"Imported results. {study.notes}")
     header.notes.append(
-        "Cell: mean over seeds of each run's mean over the evaluation period ± population std "
-        "(ddof=0) / sqrt(seeds); bold: the game's winner (highest mean).")
+        "Cell: mean over seeds of each complete run's mean over its evaluation grid ± population "
+        "std (ddof=0) / sqrt(seeds), n/a below 2 seeds; bold: the game's winner (highest mean "
+        "among its cells that have every seed of the game).")
     out.append(header)
 
     if gaps.any:
@@ -93,9 +108,18 @@ def sections(report: Report) -> list[Section]:
                                        warn=True),
                                  Value(", ".join(f"{g}/{a} {n}/{m}"
                                                  for g, a, n, m in gaps.short_cells))])
+        if gaps.off_grid:
+            section.rows.append([Value(f"runs with evaluations off their grid, ignored "
+                                       f"({len(gaps.off_grid)})", warn=True),
+                                 Value(", ".join(f"{k} [{', '.join(f'{t:,}' for t in ts)}]"
+                                                 for k, ts in gaps.off_grid))])
         if gaps.incomplete_games:
             section.rows.append([Value(f"games not counted ({len(gaps.incomplete_games)})",
                                        warn=True), Value(", ".join(gaps.incomplete_games))])
+        if gaps.aggregates_left_out:
+            section.rows.append([Value(f"complete games left out of the aggregates, another "
+                                       f"number of seeds ({len(gaps.aggregates_left_out)})",
+                                       warn=True), Value(", ".join(gaps.aggregates_left_out))])
         out.append(section)
     if gaps.games_not_in_study:
         header.notes.append(f"{len(gaps.games_not_in_study)} of the {len(GAMES)} games are not "
@@ -151,18 +175,24 @@ def sections(report: Report) -> list[Section]:
     comparison = report.comparison
     if comparison is not None:
         section = Section(f"Compared with {comparison.other}",
-                          ["game", "type", "this", comparison.other, "difference", "outside"])
+                          ["game", "type", "this", comparison.other, "difference",
+                           "p (Welch)", f"differs (p < {ALPHA:g})"])
         section.notes.append(
-            f"outside: this mean lies outside {comparison.other}'s 95% band (mean ± {BAND_Z} "
-            f"s.e.); {comparison.n_outside} of {len(comparison.rows)} cells.")
+            f"p: Welch's two-sample t-test of the two cells' per-seed scores (sample variances, "
+            f"ddof=1; Welch-Satterthwaite degrees of freedom), n/a below 2 seeds on a side. "
+            f"differs: p < {ALPHA:g}; {comparison.n_differ} of {comparison.n_tested} tested "
+            f"cells. Two studies of the same distribution differ in about "
+            f"{ALPHA:.0%} of their cells by chance alone.")
         if comparison.unmatched:
             section.notes.append(f"{len(comparison.unmatched)} cells are not complete in both "
                                  "studies and are not compared.")
         for r in comparison.rows:
             section.rows.append([
-                Value(r.game), Value(r.attn), Value(_num(r.mean)),
-                Value(f"{_num(r.other_mean)} ± {_num(r.other_std_error)}"),
-                Value(f"{r.difference:+.2f}"), Value("yes" if r.outside else "", bold=r.outside)])
+                Value(r.game), Value(r.attn), Value(_mean_se(r.mean, r.std_error)),
+                Value(_mean_se(r.other_mean, r.other_std_error)),
+                Value(f"{r.difference:+.2f}"),
+                Value("n/a" if r.p_value is None else f"{r.p_value:.3g}"),
+                Value("yes" if r.differs else "", bold=r.differs)])
         out.append(section)
     return out
 

@@ -2,8 +2,9 @@
 
 Everything is read from the registry in one read session (`scores.load_study`); nothing is read
 from run directories or the store. Gaps (runs without evaluations, runs short of their evaluations,
-cells with fewer seeds than the study, games left out of wins and aggregates) are collected here
-and always rendered, so an unfinished study is never averaged as if it were complete.
+evaluations off a run's grid, cells with fewer seeds than their game, games left out of wins and
+aggregates) are collected here and always rendered, so an unfinished study is never averaged as if
+it were complete.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import time
 from dataclasses import dataclass, field
 
 from agents.catalog import GAMES
-from orchestrator.analysis.aggregates import DEFAULT_REPS, Aggregates, compute_aggregates
+from orchestrator.analysis.aggregates import (
+    DEFAULT_REPS,
+    Aggregates,
+    aggregate_games,
+    compute_aggregates,
+)
 from orchestrator.analysis.compare import Comparison, compare_tables
 from orchestrator.analysis.curves import Curve, learning_curves
 from orchestrator.analysis.reference import reference_scores
@@ -41,11 +47,15 @@ class Gaps:
     short_cells: list[tuple[str, str, int, int]] = field(default_factory=list)  # game, attn, n, of
     incomplete_games: list[str] = field(default_factory=list)
     games_not_in_study: list[str] = field(default_factory=list)
+    #: (run key, timesteps): evaluations off the run's evaluation grid, ignored by every score.
+    off_grid: list[tuple[str, list[int]]] = field(default_factory=list)
+    #: Complete games left out of the aggregates: another number of seeds than the rest.
+    aggregates_left_out: list[str] = field(default_factory=list)
 
     @property
     def any(self) -> bool:
         return bool(self.no_evaluations or self.short_runs or self.short_cells
-                    or self.incomplete_games)
+                    or self.incomplete_games or self.off_grid or self.aggregates_left_out)
 
 
 @dataclass
@@ -64,15 +74,18 @@ class Report:
 def find_gaps(study: StudyScores, table: GameTable) -> Gaps:
     gaps = Gaps()
     for run in study.runs:
-        if run.mean_score is None:
+        if run.n_evaluations == 0:
             gaps.no_evaluations.append((run.key, run.state))
         elif not run.complete:
             gaps.short_runs.append((run.key, run.state, run.n_evaluations,
                                     run.expected_evaluations))
+        if run.off_grid:
+            gaps.off_grid.append((run.key, run.off_grid))
     for (game, attn), cell in table.cells.items():
         if not cell.complete:
             gaps.short_cells.append((game, attn, cell.n_seeds, cell.expected_seeds))
     gaps.incomplete_games = table.incomplete_games
+    gaps.aggregates_left_out = aggregate_games(table)[1]
     gaps.games_not_in_study = [g for g in GAMES if g not in set(study.games)]
     return gaps
 
