@@ -273,7 +273,12 @@ def _package_version(name: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """Commit of the installed project: pip's direct_url.json, else the checkout it runs from."""
+    """Commit of the installed project: what the image says (SATRL_GIT_COMMIT, set at build),
+    pip's direct_url.json, else the checkout it runs from."""
+    from_image = os.environ.get("SATRL_GIT_COMMIT", "").strip()
+    if from_image and from_image != "unknown":
+        dirty = os.environ.get("SATRL_GIT_DIRTY") == "true"
+        return from_image + ("+dirty" if dirty else "")
     try:
         direct_url = json.loads(metadata.distribution("satrl").read_text("direct_url.json") or "")
         commit = direct_url.get("vcs_info", {}).get("commit_id")

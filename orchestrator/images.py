@@ -4,16 +4,29 @@ A job runs in an image when the experiment names one (experiments.image_id, set 
 `satrl image use`) or `satrl.toml` does:
 
     [image]
-    path = "/shared/images/satrl-cuda.sif"
-    flavor = "cuda"          # cuda -> apptainer --nv, rocm -> apptainer --rocm
+    path = "/shared/images/satrl-cuda.sif"   # relative paths are read from the workspace
+    flavor = "cuda"          # cuda -> apptainer --nv, rocm -> apptainer --rocm; optional for
+                             # a recorded image (its recorded flavor is used; a different one
+                             # here is refused)
     dir = "/shared/images"   # where `satrl image build` puts images (default: <workspace>/images)
 
 `satrl image build --flavor cuda|rocm` runs `apptainer build` on containers/<flavor>.def from
 satrl's source checkout, reads torch/CUDA/ROCm versions from inside the new image, and records it
-(one images row per distinct sha256 of the .sif: rebuilding identical bytes updates that row;
-new bytes at the same path make a new row, the older rows stay as history, and experiments that
-used an older row at that path move to the new one, because the file their jobs will run is the
-new one and the digest each attempt records must be its digest).
+(one images row per distinct sha256 of the .sif). Without --out each build gets its own file,
+satrl-<flavor>-<definition hash>-<sha256 prefix>.sif, so a recorded path always holds the
+recorded bytes and a job submitted before a rebuild still runs (and records the digest of) the
+image it was planned with. With --out the file is the user's choice: rebuilding identical bytes
+updates that row; new bytes at the same path make a new row and the older rows stay as history.
+A build is refused before it starts where --out holds a recorded image of another flavor or one
+that experiments use (their jobs would silently run other bytes than the digest they record);
+remove the file, or move the experiments (`satrl image use`), first. Where the file at a path
+was removed and rebuilt with the same flavor, the experiments of the older rows there move to
+the new one (the file their jobs will run is the new one).
+
+Each build records the source checkout's commit (`git rev-parse HEAD`) and whether the files the
+image copies differ from it (`git status --porcelain`), and passes both into the image as build
+arguments that its %environment exports as SATRL_GIT_COMMIT and SATRL_GIT_DIRTY (the image copies
+the sources without .git, so the worker cannot read them there).
 """
 
 from __future__ import annotations
@@ -38,6 +51,11 @@ GPU_FLAGS = {"cuda": "--nv", "rocm": "--rocm"}
 #: The one file holding every version pin of the images (read by install.sh and apptainer).
 PINS_FILE = "containers/versions.env"
 INSTALL_SCRIPT = "containers/install.sh"
+#: Build arguments besides the pins: the source revision an image holds. The definition files
+#: default them to "unknown" (%arguments) and export them in %environment for the worker.
+GIT_COMMIT_VAR = "SATRL_GIT_COMMIT"
+GIT_DIRTY_VAR = "SATRL_GIT_DIRTY"
+UNKNOWN_REVISION = "unknown"
 #: Printed as one JSON line by the image's python: what the images row records.
 VERSION_QUERY = """\
 import json, platform
@@ -90,13 +108,35 @@ def image_settings(settings: Any) -> dict[str, Any]:
     return section
 
 
+def configured_image_path(settings: Any) -> Path | None:
+    """satrl.toml's [image] path, absolute: a relative one is read from the workspace (as [image]
+    dir and scratch are), never from the folder satrl runs in or the job's run directory."""
+    path = image_settings(settings).get("path")
+    if not path:
+        return None
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute():
+        resolved = settings.workspace / resolved
+    return resolved.resolve()
+
+
+def _newest_at(session: Any, path: str) -> Any:
+    """The newest images row recorded at `path` (the one whose file is there), or None."""
+    from sqlalchemy import select
+
+    from orchestrator.registry.models import Image
+
+    return session.scalar(select(Image).where(Image.path == path)
+                          .order_by(Image.built_at.desc(), Image.id.desc()).limit(1))
+
+
 def resolve_job_image(session: Any, settings: Any, experiment: Any) -> JobImage | None:
     """The experiment's image, else satrl.toml's [image], else None (the configured python).
 
     An image file that is missing is refused here, before any run is claimed: every job would
-    fail at once in apptainer, and auto-requeue would spend the runs' attempts on it."""
-    from sqlalchemy import select
-
+    fail at once in apptainer, and auto-requeue would spend the runs' attempts on it. So is an
+    experiment image whose path now holds another image (its jobs would run other bytes than
+    the digest they record), and a satrl.toml flavor that disagrees with the recorded one."""
     from orchestrator.registry.models import Image
 
     section = image_settings(settings)
@@ -106,18 +146,29 @@ def resolve_job_image(session: Any, settings: Any, experiment: Any) -> JobImage 
             if not Path(image.path).is_file():
                 raise UsageError(f"experiment {experiment.name!r} runs in image {image.id}, whose "
                                  f"file {image.path} is missing: rebuild it (`satrl image build "
-                                 f"--flavor {image.flavor}`) or choose another (`satrl image use`)")
+                                 f"--flavor {image.flavor}`) and choose the new image, or choose "
+                                 "another (`satrl image use`)")
+            newest = _newest_at(session, image.path)
+            if newest is not None and newest.id != image.id:
+                raise UsageError(f"experiment {experiment.name!r} runs in image {image.id}, but "
+                                 f"its file {image.path} now holds image {newest.id} "
+                                 f"({newest.flavor}): choose the image to run with `satrl image "
+                                 "use`")
             return JobImage(image.path, image.flavor, image.sha256)
-    path = section.get("path")
-    if not path:
+    path = configured_image_path(settings)
+    if path is None:
         return None
-    if not Path(path).is_file():
+    if not path.is_file():
         raise UsageError(f"satrl.toml [image] path {path} is not a file: build an image with "
                          "`satrl image build` or fix the path")
-    flavor = section.get("flavor", "cuda")
-    recorded = session.scalar(select(Image).where(Image.path == str(path))
-                              .order_by(Image.built_at.desc()))
-    return JobImage(str(path), flavor, recorded.sha256 if recorded else section.get("digest"))
+    recorded = _newest_at(session, str(path))
+    if recorded is None:
+        return JobImage(str(path), section.get("flavor", "cuda"), section.get("digest"))
+    if "flavor" in section and section["flavor"] != recorded.flavor:
+        raise UsageError(f"satrl.toml [image] flavor is {section['flavor']}, but {path} is "
+                         f"image {recorded.id}, built as {recorded.flavor}: fix or remove "
+                         "[image] flavor")
+    return JobImage(str(path), recorded.flavor, recorded.sha256)
 
 
 # --- command lines --------------------------------------------------------------------------
@@ -145,14 +196,19 @@ def apptainer_exec_argv(image: JobImage, binds: list[str], argv: list[str]) -> l
     return [*command, image.path, *argv]
 
 
-def apptainer_build_argv(out: str | Path, flavor: str, *, fakeroot: bool = False) -> list[str]:
+def apptainer_build_argv(out: str | Path, flavor: str, *, fakeroot: bool = False,
+                         build_args: dict[str, str] | None = None) -> list[str]:
     """`apptainer build` of containers/<flavor>.def into `out`, run from the source checkout.
 
-    The pins reach the definition file's `{{ NAME }}` placeholders through --build-arg-file.
+    The pins reach the definition file's `{{ NAME }}` placeholders through --build-arg-file,
+    `build_args` (the source revision) through one --build-arg each.
     """
     _check_flavor(flavor)
+    extra: list[str] = []
+    for name, value in (build_args or {}).items():
+        extra += ["--build-arg", f"{name}={value}"]
     return ["apptainer", "build", *(["--fakeroot"] if fakeroot else []),
-            "--build-arg-file", PINS_FILE, str(out), f"containers/{flavor}.def"]
+            "--build-arg-file", PINS_FILE, *extra, str(out), f"containers/{flavor}.def"]
 
 
 def version_query_argv(image_path: str | Path) -> list[str]:
@@ -175,6 +231,49 @@ def definition_hash(root: Path, flavor: str) -> str:
         digest.update(f"{relative}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()
+
+
+def definition_sources(root: Path, flavor: str) -> tuple[str, ...]:
+    """Everything an image of `flavor` holds from the checkout: its definition inputs and the
+    sources its %files section copies (relative to the checkout)."""
+    sources = list(definition_files(flavor))
+    in_files = False
+    for line in (root / f"containers/{flavor}.def").read_text().splitlines():
+        if line.startswith("%"):
+            in_files = line.split()[0] == "%files"
+        elif in_files and line.strip() and not line.lstrip().startswith("#"):
+            sources.append(line.split()[0])
+    return tuple(dict.fromkeys(sources))
+
+
+@dataclass(frozen=True)
+class SourceRevision:
+    """The commit of the checkout an image is built from, and whether its files differ from it."""
+
+    commit: str | None
+    dirty: bool | None
+
+    def build_args(self) -> dict[str, str]:
+        dirty = UNKNOWN_REVISION if self.dirty is None else str(self.dirty).lower()
+        return {GIT_COMMIT_VAR: self.commit or UNKNOWN_REVISION, GIT_DIRTY_VAR: dirty}
+
+
+def source_revision(root: Path, flavor: str) -> SourceRevision:
+    """`git rev-parse HEAD` of `root`, dirty when `git status --porcelain` lists any file the
+    image is built from. No git, or not a git checkout: unknown (None), which is no error:
+    a build from a source archive has no commit to record."""
+    git = shutil.which("git")
+    if git is None:
+        return SourceRevision(None, None)
+    head = subprocess.run([git, "-C", str(root), "rev-parse", "--verify", "--quiet", "HEAD"],
+                          capture_output=True, text=True, errors="replace")
+    commit = head.stdout.strip()
+    if head.returncode != 0 or not commit:
+        return SourceRevision(None, None)
+    status = subprocess.run([git, "-C", str(root), "status", "--porcelain", "--",
+                             *definition_sources(root, flavor)],
+                            capture_output=True, text=True, errors="replace")
+    return SourceRevision(commit, bool(status.stdout.strip()) if status.returncode == 0 else None)
 
 
 def read_pins(root: Path) -> dict[str, str]:
@@ -241,20 +340,59 @@ class BuildResult:
     created: bool
     #: Older rows whose file at the same path this build replaced.
     replaced: list[int] = field(default_factory=list)
-    #: Experiments moved from a replaced row to this one.
+    #: Experiments moved from a replaced row (of the same flavor) to this one.
     relinked: list[str] = field(default_factory=list)
     log: str = ""
+    #: The source checkout's commit the image holds (None: unknown), and whether the files the
+    #: image copies differed from it.
+    git_commit: str | None = None
+    git_dirty: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def default_image_path(settings: Any, flavor: str, definition_digest: str) -> Path:
-    """<[image] dir, else workspace/images>/satrl-<flavor>-<definition hash prefix>.sif."""
+def image_folder(settings: Any) -> Path:
+    """Where builds without --out go: [image] dir (relative: to the workspace), else images/."""
     folder = Path(image_settings(settings).get("dir", "images")).expanduser()
     if not folder.is_absolute():
         folder = settings.workspace / folder
-    return folder / f"satrl-{flavor}-{definition_digest[:12]}.sif"
+    return folder
+
+
+def default_image_path(settings: Any, flavor: str, definition_digest: str, sha256: str) -> Path:
+    """<image folder>/satrl-<flavor>-<definition hash prefix>-<sha256 prefix>.sif: a name of its
+    own for every content, so a rebuild never replaces the file a planned job will run."""
+    return image_folder(settings) / f"satrl-{flavor}-{definition_digest[:12]}-{sha256[:12]}.sif"
+
+
+def refuse_overwrite(registry: Any, target: Path, flavor: str, sha256: str | None = None) -> None:
+    """Refuse to put a `flavor` image with `sha256` (None: not built yet) at `target` where the
+    file there is a recorded image of another flavor, or one that experiments use: their jobs
+    would run other bytes (or with the other GPU flag) than the image they record. A file the
+    user removed first, an unrecorded file, or identical bytes are no obstacle."""
+    from sqlalchemy import select
+
+    from orchestrator.registry.models import Experiment, Image
+
+    if not target.is_file():
+        return
+    with registry.session() as session:
+        current = _newest_at(session, str(target))
+        if current is None or current.sha256 == sha256:
+            return
+        if current.flavor != flavor:
+            raise UsageError(f"{target} holds image {current.id}, built as {current.flavor}: "
+                             f"a {flavor} build must not replace it; remove the file first or "
+                             "give another --out")
+        users = list(session.scalars(
+            select(Experiment.name).join(Image, Experiment.image_id == Image.id)
+            .where(Image.path == str(target)).order_by(Experiment.name)))
+        if users:
+            raise UsageError(f"{target} holds image {current.id}, which experiment(s) "
+                             f"{', '.join(users)} use: a new build there would change the file "
+                             "their jobs run; build without --out (every build gets its own file) "
+                             "or move them to another image first (`satrl image use`)")
 
 
 def _run_logged(argv: list[str], cwd: Path, log: Path,
@@ -299,19 +437,28 @@ def build_image(registry: Any, settings: Any, flavor: str, *, out: Path | None =
                 on_line: Callable[[str], None] | None = None) -> BuildResult:
     """Build containers/<flavor>.def with apptainer and record the image (module docstring).
 
-    The image is built under a temporary name next to `out` and renamed into place only after
-    its versions were read, so `out` never holds a half-built or unreadable image.
+    The image is built under a temporary name in its folder and renamed into place only after
+    its versions were read and its sha256 taken, so the final path never holds a half-built or
+    unreadable image; without --out that name carries the sha256 prefix.
     """
     require_apptainer(flavor)
     root = source_root(source)
     digest = definition_hash(root, flavor)
-    target = (out or default_image_path(settings, flavor, digest)).expanduser().resolve()
-    if target.is_dir():
-        raise UsageError(f"--out {target} is a folder; give the image's file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    log = target.with_name(target.name + ".build.log")
-    argv = apptainer_build_argv(partial, flavor, fakeroot=fakeroot)
+    target: Path | None = None
+    if out is not None:
+        target = out.expanduser().resolve()
+        if target.is_dir():
+            raise UsageError(f"--out {target} is a folder; give the image's file name")
+        refuse_overwrite(registry, target, flavor)  # before hours of building
+        folder, stem = target.parent, target.name
+    else:
+        folder, stem = image_folder(settings).resolve(), f"satrl-{flavor}-{digest[:12]}.sif"
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{stem}.{os.getpid()}.partial"
+    log = folder / f"{stem}.build.log"
+    revision = source_revision(root, flavor)
+    argv = apptainer_build_argv(partial, flavor, fakeroot=fakeroot,
+                                build_args=revision.build_args())
     started = time.monotonic()
     try:
         returncode, tail = _run_logged(argv, root, log, on_line)
@@ -325,11 +472,21 @@ def build_image(registry: Any, settings: Any, flavor: str, *, out: Path | None =
         versions = read_image_versions(partial)
         sha = sha256_file(partial)
         size = partial.stat().st_size
+        named = target is None
+        if target is None:
+            target = default_image_path(settings, flavor, digest, sha).resolve()
+        refuse_overwrite(registry, target, flavor, sha)  # again: another build may have landed
+        if named:
+            final_log = target.with_name(target.name + ".build.log")
+            os.replace(log, final_log)
+            log = final_log
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+    versions.update(git_commit=revision.commit, git_dirty=revision.dirty)
     result = BuildResult(0, flavor, str(target), sha, size, digest, versions, build_seconds,
-                         created=False, log=str(log))
+                         created=False, log=str(log), git_commit=revision.commit,
+                         git_dirty=revision.dirty)
     record_image(registry, result)
     return result
 
@@ -364,13 +521,18 @@ def record_image(registry: Any, result: BuildResult) -> None:
                 result.replaced = list(session.scalars(
                     select(Image.id).where(Image.path == result.path, Image.id != image.id)
                     .order_by(Image.id)))
+                # Only rows of the same flavor: an experiment never changes GPU stack unasked
+                # (one left on a row of the other flavor is refused at dispatch).
+                same_flavor = list(session.scalars(
+                    select(Image.id).where(Image.id.in_(result.replaced),
+                                           Image.flavor == result.flavor)))
                 result.relinked = []
-                if result.replaced:
+                if same_flavor:
                     result.relinked = list(session.scalars(
-                        select(Experiment.name).where(Experiment.image_id.in_(result.replaced))
+                        select(Experiment.name).where(Experiment.image_id.in_(same_flavor))
                         .order_by(Experiment.name)))
                     session.execute(update(Experiment)
-                                    .where(Experiment.image_id.in_(result.replaced))
+                                    .where(Experiment.image_id.in_(same_flavor))
                                     .values(image_id=image.id))
             return
         except IntegrityError:
@@ -398,6 +560,10 @@ class ImageInfo:
     status: str
     experiments: tuple[str, ...]
     versions: dict[str, Any]
+    #: The source commit the image holds (None: unknown, e.g. built before commits were
+    #: recorded) and whether its files differed from that commit.
+    git_commit: str | None = None
+    git_dirty: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -443,7 +609,8 @@ def list_images(session: Any, flavor: str | None = None) -> list[ImageInfo]:
             image.id, image.flavor, image.path, image.size_bytes, image.sha256,
             image.definition_hash, image.torch_version, image.cuda_version, image.rocm_version,
             image.built_at.isoformat(), image.build_seconds, status,
-            tuple(users.get(image.id, ())), dict(image.versions or {})))
+            tuple(users.get(image.id, ())), dict(image.versions or {}),
+            (image.versions or {}).get("git_commit"), (image.versions or {}).get("git_dirty")))
     return infos
 
 

@@ -2,7 +2,8 @@
 
 Apptainer cannot be installed here (CLUSTER.md). The stand-in is a small script this module writes:
 it records every argument list it gets, fills the definition file's `{{ NAME }}` placeholders
-from the --build-arg-file as Apptainer does (refusing unknown names), checks the %files sources
+as Apptainer does (--build-arg over --build-arg-file over the %arguments defaults, refusing
+unknown names), checks the %files sources
 exist relative to its working directory, and writes the output file; `exec IMAGE python3 -c CODE`
 runs CODE with this machine's python, so the version query satrl sends is really executed and
 what gets recorded is this machine's torch.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -25,12 +28,14 @@ from orchestrator.images import (
     JobImage,
     apptainer_build_argv,
     definition_hash,
+    definition_sources,
     resolve_job_image,
+    source_revision,
     version_query_argv,
 )
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Experiment, Image
-from orchestrator.settings import load_settings
+from orchestrator.settings import load_settings, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,19 +53,29 @@ if os.environ.get("STANDIN_APPTAINER_FAIL") == args[0]:
     print("FATAL:   While performing build: stand-in failure", file=sys.stderr)
     sys.exit(255)
 if args[0] == "build":
+    out, definition = args[-2], args[-1]
+    text = Path(definition).read_text()
     pins = {{}}
+    defaults = re.search(r"^%arguments\s*$(.*?)^%", text, re.M | re.S)
+    for line in defaults.group(1).splitlines() if defaults else []:
+        if line.strip():
+            key, _, value = line.partition("=")
+            pins[key.strip()] = value.strip()
     if "--build-arg-file" in args:
         for line in Path(args[args.index("--build-arg-file") + 1]).read_text().splitlines():
             key, _, value = line.partition("=")
             pins[key.strip()] = value.strip()
-    out, definition = args[-2], args[-1]
+    for at, arg in enumerate(args[:-1]):
+        if arg == "--build-arg":
+            key, _, value = args[at + 1].partition("=")
+            pins[key] = value
 
     def fill(match):
         if match.group(1) not in pins:
             sys.exit(f"FATAL: build var {{match.group(1)}} is not defined")
         return pins[match.group(1)]
 
-    resolved = re.sub(r"{{{{\s*(\w+)\s*}}}}", fill, Path(definition).read_text())
+    resolved = re.sub(r"{{{{\s*(\w+)\s*}}}}", fill, text)
     files = re.search(r"^%files\s*$(.*?)^%", resolved, re.M | re.S).group(1)
     for line in files.strip().splitlines():
         if not Path(line.split()[0]).exists():
@@ -154,7 +169,9 @@ def test_image_build_with_stand_in_apptainer_records_the_image_end_to_end(
     partial = Path(build["argv"][-2])
     assert partial.parent == out.parent and partial.name.startswith(".cuda.sif.")
     assert partial.name.endswith(".partial") and not partial.exists()
-    assert build == {"argv": apptainer_build_argv(partial, "cuda", fakeroot=True),
+    assert build == {"argv": apptainer_build_argv(partial, "cuda", fakeroot=True,
+                                                  build_args=source_revision(ROOT, "cuda")
+                                                  .build_args()),
                      "cwd": str(ROOT)}
     assert query["argv"] == version_query_argv(partial)
 
@@ -183,18 +200,53 @@ def test_image_build_with_stand_in_apptainer_records_the_image_end_to_end(
     assert image.sha256[:12] in capsys.readouterr().out
 
 
-def test_default_image_path_is_under_the_workspace_named_by_definition_hash(
+def test_default_image_path_is_under_the_workspace_named_by_definition_hash_and_sha256(
     workspace: Path, database_url: str, standin: StandIn, capsys: pytest.CaptureFixture[str],
 ) -> None:
     result = _json(capsys, "image", "build", "--flavor", "rocm")
-    expected = workspace / "images" / f"satrl-rocm-{definition_hash(ROOT, 'rocm')[:12]}.sif"
+    expected = (workspace / "images" / f"satrl-rocm-{definition_hash(ROOT, 'rocm')[:12]}-"
+                f"{result['sha256'][:12]}.sif")
     assert result["path"] == str(expected.resolve()) and expected.is_file()
+    assert hashlib.sha256(expected.read_bytes()).hexdigest() == result["sha256"]
     assert b"From: rocm/pytorch:" in expected.read_bytes()
+    assert result["log"] == str(expected.resolve()) + ".build.log"
+    assert sorted(p.name for p in expected.parent.iterdir()) == [expected.name,
+                                                                 expected.name + ".build.log"]
     build, _query = standin.calls()
-    assert build["argv"] == apptainer_build_argv(build["argv"][-2], "rocm")  # no --fakeroot
+    assert "--fakeroot" not in build["argv"]
+    assert build["argv"] == apptainer_build_argv(build["argv"][-2], "rocm",
+                                                 build_args=source_revision(ROOT, "rocm")
+                                                 .build_args())
 
 
-def test_rebuilds_same_bytes_update_new_bytes_add_a_row_and_move_experiments_stand_in_apptainer(
+def test_default_builds_of_new_bytes_get_their_own_file_so_planned_jobs_keep_their_digest(
+    workspace: Path, database_url: str, standin: StandIn, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = _json(capsys, "image", "build", "--flavor", "cuda")
+    _queue_one(capsys)
+    assert run(["image", "use", str(first["image_id"])]) == 0
+    assert run(["dispatch", "--dry-run"]) == 0
+    script = capsys.readouterr().out  # a job planned now runs first["path"] with its digest
+    assert f" {first['path']} python -m agents.train" in script
+    assert f"export SATRL_IMAGE_DIGEST={first['sha256']}" in script
+
+    again = _json(capsys, "image", "build", "--flavor", "cuda")  # identical bytes: same file
+    assert (again["image_id"], again["path"], again["created"]) == (first["image_id"],
+                                                                   first["path"], False)
+    monkeypatch.setenv("STANDIN_APPTAINER_SALT", "new sources\n")
+    new = _json(capsys, "image", "build", "--flavor", "cuda")
+    assert new["created"] and new["path"] != first["path"]
+    assert new["replaced"] == [] and new["relinked"] == []
+    # The file the planned job will run still holds the digest its script exports.
+    assert hashlib.sha256(Path(first["path"]).read_bytes()).hexdigest() == first["sha256"]
+    assert hashlib.sha256(Path(new["path"]).read_bytes()).hexdigest() == new["sha256"]
+    assert _experiment_image(database_url, "main") == first["image_id"]
+    statuses = {row["id"]: row["status"] for row in _json(capsys, "image", "list")}
+    assert statuses == {first["image_id"]: "current", new["image_id"]: "current"}
+
+
+def test_rebuilds_at_one_out_path_same_bytes_update_new_bytes_add_a_row_stand_in_apptainer(
     workspace: Path, database_url: str, standin: StandIn, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -202,18 +254,15 @@ def test_rebuilds_same_bytes_update_new_bytes_add_a_row_and_move_experiments_sta
     args = ["image", "build", "--flavor", "cuda", "--out", str(out)]
     first = _json(capsys, *args)
     _add_experiments(database_url, "main", "other")
-    assert run(["image", "use", str(first["image_id"])]) == 0
 
     again = _json(capsys, *args)  # identical bytes: the same row, updated
     assert again["image_id"] == first["image_id"] and again["created"] is False
     assert len(_images(database_url)) == 1
 
     monkeypatch.setenv("STANDIN_APPTAINER_SALT", "another build\n")
-    new = _json(capsys, *args)  # new bytes at the same path: a new row; main follows the file
+    new = _json(capsys, *args)  # new bytes at the same path: a new row, the old one history
     assert new["created"] is True and new["image_id"] != first["image_id"]
-    assert new["replaced"] == [first["image_id"]] and new["relinked"] == ["main"]
-    assert _experiment_image(database_url, "main") == new["image_id"]
-    assert _experiment_image(database_url, "other") is None
+    assert new["replaced"] == [first["image_id"]] and new["relinked"] == []
     statuses = {row["id"]: row["status"] for row in _json(capsys, "image", "list")}
     assert statuses == {first["image_id"]: "replaced", new["image_id"]: "current"}
 
@@ -223,6 +272,84 @@ def test_rebuilds_same_bytes_update_new_bytes_add_a_row_and_move_experiments_sta
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"replaced at {out.resolve()} by image" in err
     assert _experiment_image(database_url, "other") is None
+
+
+def test_a_new_build_over_an_image_experiments_use_is_refused_before_building(
+    workspace: Path, database_url: str, standin: StandIn, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = workspace / "images" / "cuda.sif"
+    args = ["image", "build", "--flavor", "cuda", "--out", str(out)]
+    first = _json(capsys, *args)
+    _add_experiments(database_url, "main", "other")
+    assert run(["image", "use", str(first["image_id"]), "-e", "other"]) == 0
+    before, calls = out.read_bytes(), len(standin.calls())
+    monkeypatch.setenv("STANDIN_APPTAINER_SALT", "another build\n")
+    capsys.readouterr()
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert f"{out.resolve()} holds image {first['image_id']}, which experiment(s) other use" \
+        in err
+    assert len(standin.calls()) == calls  # nothing built
+    assert out.read_bytes() == before and len(_images(database_url)) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cuda.sif", "cuda.sif.build.log"]
+    # Once no experiment uses it, the path may take new bytes.
+    assert run(["image", "use", "none", "-e", "other"]) == 0
+    new = _json(capsys, *args)
+    assert new["created"] and new["replaced"] == [first["image_id"]]
+
+
+def test_a_build_over_an_image_of_another_flavor_is_refused_before_building(
+    workspace: Path, database_url: str, standin: StandIn, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = workspace / "images" / "two.sif"
+    cuda = _json(capsys, "image", "build", "--flavor", "cuda", "--out", str(out))
+    _add_experiments(database_url, "main")
+    before, calls = out.read_bytes(), len(standin.calls())
+    for used in (True, False):  # the flavor alone refuses it, used or not
+        assert run(["image", "use", str(cuda["image_id"]) if used else "none"]) == 0
+        capsys.readouterr()
+        assert run(["image", "build", "--flavor", "rocm", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        assert f"{out.resolve()} holds image {cuda['image_id']}, built as cuda: a rocm build " \
+            "must not replace it" in err
+        assert len(standin.calls()) == calls  # nothing built
+        assert out.read_bytes() == before and len(_images(database_url)) == 1
+    assert _experiment_image(database_url, "main") is None
+
+
+def test_an_image_removed_and_rebuilt_at_its_path_moves_experiments_only_within_its_flavor(
+    workspace: Path, database_url: str, standin: StandIn, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    same, other = workspace / "images" / "same.sif", workspace / "images" / "other.sif"
+    first = _json(capsys, "image", "build", "--flavor", "cuda", "--out", str(same))
+    monkeypatch.setenv("STANDIN_APPTAINER_SALT", "second\n")  # other bytes, another row
+    second = _json(capsys, "image", "build", "--flavor", "cuda", "--out", str(other))
+    _queue_one(capsys)  # in main
+    _add_experiments(database_url, "short")
+    assert run(["image", "use", str(first["image_id"]), "-e", "short"]) == 0
+    assert run(["image", "use", str(second["image_id"])]) == 0
+    monkeypatch.setenv("STANDIN_APPTAINER_SALT", "rebuilt\n")
+
+    same.unlink()  # removed by the user: rebuilt with the same flavor, short follows the file
+    rebuilt = _json(capsys, "image", "build", "--flavor", "cuda", "--out", str(same))
+    assert rebuilt["replaced"] == [first["image_id"]] and rebuilt["relinked"] == ["short"]
+    assert _experiment_image(database_url, "short") == rebuilt["image_id"]
+
+    other.unlink()  # rebuilt as rocm: main stays on its cuda image, refused at dispatch
+    rocm = _json(capsys, "image", "build", "--flavor", "rocm", "--out", str(other))
+    assert rocm["replaced"] == [second["image_id"]] and rocm["relinked"] == []
+    assert _experiment_image(database_url, "main") == second["image_id"]
+    capsys.readouterr()
+    assert run(["dispatch", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert f"runs in image {second['image_id']}, but its file {other.resolve()} now holds " \
+        f"image {rocm['image_id']} (rocm)" in err
+    assert _run_states(database_url) == ["queued"]
 
 
 def test_image_use_sets_the_experiment_image_its_jobs_run_in(
@@ -364,3 +491,118 @@ def test_an_experiment_image_whose_file_is_gone_is_refused(
     err = capsys.readouterr().err.strip()
     assert "is missing" in err and len(err.splitlines()) == 1
     assert _run_states(database_url) == ["queued"]
+
+
+def _configure_image(workspace: Path, image: str) -> None:
+    (workspace / "satrl.toml").write_text("[image]\n" + image)
+    settings.cache_clear()
+
+
+def test_a_relative_image_path_is_read_from_the_workspace_with_its_recorded_digest(
+        workspace: Path, database_url: str, standin: StandIn,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _json(capsys, "image", "build", "--flavor", "cuda", "--out",
+                  str(workspace / "images" / "x.sif"))
+    _configure_image(workspace, 'path = "images/x.sif"\n')
+    _queue_one(capsys)
+    deep = workspace / "notes" / "deep"
+    deep.mkdir(parents=True)
+    # From the workspace itself and from a folder below it alike: the job script cd's into
+    # RUN_DIR, so only the absolute path finds the image there.
+    for folder in (workspace, deep):
+        monkeypatch.chdir(folder)
+        capsys.readouterr()
+        assert run(["dispatch", "--dry-run"]) == 0, capsys.readouterr().err
+        script = capsys.readouterr().out
+        assert f" --nv --bind {workspace / 'runs'}:{workspace / 'runs'} {built['path']} " \
+            "python -m agents.train" in script
+        assert built["path"] == str((workspace / "images" / "x.sif").resolve())
+        assert f"export SATRL_IMAGE_DIGEST={built['sha256']}" in script
+    assert _run_states(database_url) == ["queued"]
+
+
+def test_image_path_runs_with_the_flavor_recorded_for_its_file(
+        workspace: Path, database_url: str, standin: StandIn,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    built = _json(capsys, "image", "build", "--flavor", "rocm", "--out",
+                  str(workspace / "r.sif"))
+    _queue_one(capsys)
+    for image in (f'path = "{built["path"]}"\n', f'path = "{built["path"]}"\nflavor = "rocm"\n'):
+        _configure_image(workspace, image)
+        assert run(["dispatch", "--dry-run"]) == 0
+        script = capsys.readouterr().out
+        assert "apptainer exec --rocm --bind " in script and "--nv" not in script
+        assert f"export SATRL_IMAGE_DIGEST={built['sha256']}" in script
+    _configure_image(workspace, f'path = "{built["path"]}"\nflavor = "cuda"\n')
+    for dry_run in (True, False):
+        assert run(["dispatch", *(["--dry-run"] if dry_run else [])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        assert f"satrl.toml [image] flavor is cuda, but {built['path']} is image " \
+            f"{built['image_id']}, built as rocm" in err
+    assert _run_states(database_url) == ["queued"]
+    # An unrecorded file has only satrl.toml's word (cuda by default).
+    plain = workspace / "plain.sif"
+    plain.write_text("STAND-IN SIF\n")
+    _configure_image(workspace, f'path = "{plain}"\n')
+    assert run(["dispatch", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "apptainer exec --nv --bind " in script and "SATRL_IMAGE_DIGEST=" not in script
+
+
+def _git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c",
+                           "user.email=t@example.org", *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_each_image_records_the_source_commit_it_holds_and_exports_it(
+        workspace: Path, database_url: str, standin: StandIn, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "checkout"
+    for relative in definition_sources(ROOT, "cuda"):
+        if (ROOT / relative).is_dir():
+            shutil.copytree(ROOT / relative, source / relative,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (source / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / relative, source / relative)
+    (source / "images").mkdir()  # an untracked folder outside the image's files: not dirty
+    _git(source, "init", "-q")
+    _git(source, "add", "containers", "pyproject.toml", "README.md", "agents", "orchestrator",
+         "migrations")
+    _git(source, "commit", "-q", "-m", "sources")
+    commit = _git(source, "rev-parse", "HEAD")
+
+    clean = _json(capsys, "image", "build", "--flavor", "cuda", "--source", str(source))
+    assert (clean["git_commit"], clean["git_dirty"]) == (commit, False)
+    build = standin.calls()[0]["argv"]
+    assert build[build.index(f"SATRL_GIT_COMMIT={commit}") - 1] == "--build-arg"
+    assert build[build.index("SATRL_GIT_DIRTY=false") - 1] == "--build-arg"
+    # Readable inside the image: its %environment exports it (and a label names it).
+    sif = Path(clean["path"]).read_text()
+    assert f"export SATRL_GIT_COMMIT={commit}\n" in sif
+    assert "export SATRL_GIT_DIRTY=false\n" in sif
+    assert f"org.satrl.git_commit {commit}\n" in sif
+
+    with (source / "agents" / "train.py").open("a") as handle:
+        handle.write("# an uncommitted change\n")
+    dirty = _json(capsys, "image", "build", "--flavor", "cuda", "--source", str(source))
+    assert (dirty["git_commit"], dirty["git_dirty"]) == (commit, True)
+    assert "export SATRL_GIT_DIRTY=true\n" in Path(dirty["path"]).read_text()
+
+    listed = {row["id"]: row for row in _json(capsys, "image", "list")}
+    assert (listed[clean["image_id"]]["git_commit"], listed[clean["image_id"]]["git_dirty"]) \
+        == (commit, False)
+    assert listed[dirty["image_id"]]["git_dirty"] is True
+    assert run(["image", "list"]) == 0
+    table = capsys.readouterr().out
+    assert f"{commit[:12]}+dirty" in table
+    assert table.count(commit[:12]) == 2
+
+    # A checkout without git history records no commit; the image says unknown.
+    shutil.rmtree(source / ".git")
+    bare = _json(capsys, "image", "build", "--flavor", "cuda", "--source", str(source))
+    assert (bare["git_commit"], bare["git_dirty"]) == (None, None)
+    assert "export SATRL_GIT_COMMIT=unknown\n" in Path(bare["path"]).read_text()

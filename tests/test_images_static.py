@@ -15,13 +15,17 @@ import pytest
 
 from orchestrator.errors import UsageError
 from orchestrator.images import (
+    GIT_COMMIT_VAR,
+    GIT_DIRTY_VAR,
     GPU_FLAGS,
     PINS_FILE,
     JobImage,
+    SourceRevision,
     apptainer_build_argv,
     apptainer_exec_argv,
     definition_files,
     definition_hash,
+    definition_sources,
     read_pins,
     source_root,
     version_query_argv,
@@ -72,11 +76,22 @@ def code_lines(path: Path) -> list[str]:
     return lines
 
 
+def arguments(text: str) -> dict[str, str]:
+    """The %arguments section's defaults (NAME=value lines) of a definition file."""
+    _header, sections = parse_definition(text)
+    pairs = [line.strip().partition("=") for line in sections.get("arguments", "").splitlines()
+             if line.strip()]
+    return {name: value for name, _sep, value in pairs}
+
+
 def resolve(text: str, pins: dict[str, str]) -> str:
-    """Fill `{{ NAME }}` as apptainer --build-arg-file does; an unknown name is an error."""
+    """Fill `{{ NAME }}` as apptainer --build-arg-file does, over the %arguments defaults; an
+    unknown name is an error."""
+    values = {**arguments(text), **pins}
+
     def fill(match: re.Match[str]) -> str:
-        assert match.group(1) in pins, f"{{{{ {match.group(1)} }}}} is not in {PINS_FILE}"
-        return pins[match.group(1)]
+        assert match.group(1) in values, f"{{{{ {match.group(1)} }}}} is not in {PINS_FILE}"
+        return values[match.group(1)]
 
     return PLACEHOLDER.sub(fill, text)
 
@@ -101,6 +116,26 @@ def test_definition_starts_from_the_official_pytorch_image(flavor: str,
     assert f"org.satrl.flavor {flavor}" in sections["labels"]
     assert f"SATRL_IMAGE_FLAVOR={flavor}" in sections["environment"]
     assert "python3 -m agents.train" in sections["runscript"]
+
+
+@pytest.mark.parametrize("flavor", ["cuda", "rocm"])
+def test_definition_exports_the_source_revision_satrl_passes_as_build_arguments(
+        flavor: str, pins: dict[str, str]) -> None:
+    text = (ROOT / "containers" / f"{flavor}.def").read_text()
+    # A plain `apptainer build` (no --build-arg) still resolves: both default to unknown.
+    assert arguments(text) == {GIT_COMMIT_VAR: "unknown", GIT_DIRTY_VAR: "unknown"}
+    revision = SourceRevision("ab" * 20, True).build_args()
+    _header, sections = parse_definition(resolve(text, {**pins, **revision}))
+    environment = [line.strip() for line in sections["environment"].splitlines()]
+    assert f"export {GIT_COMMIT_VAR}={'ab' * 20}" in environment
+    assert f"export {GIT_DIRTY_VAR}=true" in environment
+    assert f"org.satrl.git_commit {'ab' * 20}" in sections["labels"]
+    assert SourceRevision(None, None).build_args() == {GIT_COMMIT_VAR: "unknown",
+                                                       GIT_DIRTY_VAR: "unknown"}
+    # What `git status` looks at: every file the image is built from, and nothing else.
+    assert definition_sources(ROOT, flavor) == (
+        f"containers/{flavor}.def", "containers/install.sh", PINS_FILE, "pyproject.toml",
+        "README.md", "agents", "orchestrator", "migrations")
 
 
 @pytest.mark.parametrize("flavor", ["cuda", "rocm"])
@@ -140,6 +175,7 @@ def test_every_version_pin_comes_from_versions_env(pins: dict[str, str]) -> None
     recipes = [ROOT / "containers" / "cuda.def", ROOT / "containers" / "rocm.def",
                ROOT / "containers" / "install.sh", ROOT / "Containerfile"]
     used: set[str] = set()
+    defaults: set[str] = set()
     for path in recipes:
         code = "\n".join(code_lines(path))
         literal = VERSION_LITERAL.search(code)
@@ -149,7 +185,11 @@ def test_every_version_pin_comes_from_versions_env(pins: dict[str, str]) -> None
             assert value not in code, f"{path.name} repeats the pin {value}"
         used |= set(PLACEHOLDER.findall(code))
         used |= {name for name in pins if re.search(rf"\${{?{name}\b", code)}
-    assert used == set(pins), f"pins nothing reads: {set(pins) - used}"
+        if path.suffix == ".def":
+            defaults |= set(arguments(path.read_text()))
+    # Every placeholder but the source revision (defaulted in %arguments) is a pin.
+    assert defaults == {GIT_COMMIT_VAR, GIT_DIRTY_VAR}
+    assert used - defaults == set(pins), f"pins nothing reads: {set(pins) - used}"
     # The pins file is plain KEY=VALUE lines: apptainer's --build-arg-file reads it, so does sh.
     for line in (ROOT / PINS_FILE).read_text().splitlines():
         assert re.fullmatch(r"[A-Z_]+=[^\s'\"$`]+", line), line
@@ -198,6 +238,14 @@ def test_apptainer_exec_command_line_nv_for_cuda_rocm_for_rocm_never_both() -> N
         assert sum(flag in command for flag in ("--nv", "--rocm")) == 1
         assert command.index(GPU_FLAGS[flavor]) < command.index("/i.sif")
     assert version_query_argv("/i.sif")[:5] == ["apptainer", "exec", "/i.sif", "python3", "-c"]
+
+
+def test_apptainer_build_command_line_passes_the_source_revision_as_build_args() -> None:
+    args = {GIT_COMMIT_VAR: "c0ffee", GIT_DIRTY_VAR: "false"}
+    assert apptainer_build_argv("/img/x.sif", "rocm", build_args=args) == [
+        "apptainer", "build", "--build-arg-file", "containers/versions.env",
+        "--build-arg", "SATRL_GIT_COMMIT=c0ffee", "--build-arg", "SATRL_GIT_DIRTY=false",
+        "/img/x.sif", "containers/rocm.def"]
 
 
 def test_unknown_flavor_or_empty_bind_is_refused() -> None:

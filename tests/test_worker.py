@@ -159,3 +159,17 @@ def test_spec_catalog_rundir_and_worker_entry_do_not_import_torch() -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_commit_an_image_was_built_from_is_the_attempts_commit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An image holds no .git; `satrl image build` passes the commit in as SATRL_GIT_COMMIT.
+    from agents.train import _git_commit
+
+    monkeypatch.setenv("SATRL_GIT_COMMIT", "ab" * 20)
+    monkeypatch.setenv("SATRL_GIT_DIRTY", "false")
+    assert _git_commit() == "ab" * 20
+    monkeypatch.setenv("SATRL_GIT_DIRTY", "true")
+    assert _git_commit() == "ab" * 20 + "+dirty"
+    monkeypatch.setenv("SATRL_GIT_COMMIT", "unknown")  # a plain build: the checkout's, if any
+    assert _git_commit() != "unknown"

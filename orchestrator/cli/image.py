@@ -42,6 +42,13 @@ def _size(size_bytes: int) -> str:
     return f"{value:.1f} GB"
 
 
+def _commit(commit: str | None, dirty: bool | None) -> str:
+    """A commit as `image list` shows it: 12 digits, +dirty where the sources differed."""
+    if not commit:
+        return "-"
+    return commit[:12] + ("+dirty" if dirty else "")
+
+
 @image_app.command("build")
 def build(
     flavor: FlavorOpt,
@@ -49,7 +56,10 @@ def build(
                                            "(apptainer build --fakeroot).")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Image file (default: [image] dir "
                                              "of satrl.toml, else images/, named "
-                                             "satrl-FLAVOR-DEFHASH.sif).")] = None,
+                                             "satrl-FLAVOR-DEFHASH-SHA256.sif, a new file for "
+                                             "new bytes). Refused where it holds a recorded "
+                                             "image of another flavor or one experiments use.")]
+    = None,
     source: Annotated[Path | None, typer.Option("--source", help="satrl source checkout holding "
                                                 "containers/ (default: this installation's).")]
     = None,
@@ -80,7 +90,8 @@ def build(
     console.print(f"{verb} image [bold]{result.image_id}[/bold] ({result.flavor}, torch "
                   f"{escape(str(result.versions.get('torch_version')))}, {escape(gpu)}) at "
                   f"{escape(result.path)}: "
-                  f"{_size(result.size_bytes)}, sha256 {result.sha256[:12]}, built in "
+                  f"{_size(result.size_bytes)}, sha256 {result.sha256[:12]}, commit "
+                  f"{_commit(result.git_commit, result.git_dirty)}, built in "
                   f"{result.build_seconds:.0f} s", highlight=False)
     if result.replaced:
         console.print(f"it replaces image(s) {', '.join(map(str, result.replaced))} at that path"
@@ -108,16 +119,17 @@ def list_(
         return
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     # Narrow terminals shrink the other columns first: id, sha256 and status stay whole.
-    for column in ("id", "flavor", "torch", "cuda/rocm", "size", "sha256", "built", "status",
-                   "experiments", "path"):
-        table.add_column(column, no_wrap=column in ("id", "sha256", "status"),
+    for column in ("id", "flavor", "torch", "cuda/rocm", "size", "sha256", "commit", "built",
+                   "status", "experiments", "path"):
+        table.add_column(column, no_wrap=column in ("id", "sha256", "commit", "status"),
                          overflow="fold" if column == "path" else "ellipsis")
     for image in images:
         # Registry text (versions an image reported, paths) is data, never markup.
         table.add_row(*(Text(value) for value in (
             str(image.id), image.flavor, image.torch_version or "-",
             image.cuda_version or image.rocm_version or "-", _size(image.size_bytes),
-            image.sha256[:12], image.built_at[:16].replace("T", " "), image.status,
+            image.sha256[:12], _commit(image.git_commit, image.git_dirty),
+            image.built_at[:16].replace("T", " "), image.status,
             ",".join(image.experiments) or "-", image.path)))
     console.print(table)
 
