@@ -540,3 +540,49 @@ def test_published_observations_through_fresh_models_of_every_type(
         # (built first), so F1 agrees while Y differs between layouts.
         np.testing.assert_allclose(arrays["SWA/f1"], arrays["CWCA/f1"], atol=1e-6)
         assert not np.allclose(arrays["SWA/y"], arrays["CWCA/y"], atol=1e-3)
+
+
+# --- a checkpoint whose compressed policy.pth rotted ------------------------------------------
+
+
+def _flip(data: bytes, start: int, count: int = 64) -> bytes:
+    rotten = bytearray(data)
+    for at in range(start, start + count):
+        rotten[at] ^= 0xFF
+    return bytes(rotten)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA],
+                         ids=["deflate", "lzma"])
+def test_a_checkpoint_with_a_rotten_compressed_member_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    method: int,
+) -> None:
+    """zipfile checks the CRC only after inflating: flipped bytes inside a deflated (or LZMA)
+    member raise the decompressor's own error, which must not escape as a traceback."""
+    from agents.interpret import fresh_policy
+
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", method) as archive:
+        archive.writestr("policy.pth", _pth(fresh_policy("CWCA", 6, seed=0).state_dict()))
+    with zipfile.ZipFile(good) as archive:
+        info = archive.getinfo("policy.pth")
+    # Inside the compressed bytes: past the local header (30 bytes + name + extra).
+    start = info.header_offset + 30 + len(info.filename) + 200
+    assert start + 64 < info.header_offset + info.compress_size
+    bitrot = _write(tmp_path / "bitrot.zip", _flip(good.read_bytes(), start))
+    obs = tmp_path / "obs.npy"
+    np.save(obs, np.random.default_rng(0).integers(0, 255, (1, 4, 84, 84), dtype=np.uint8))
+    monkeypatch.setenv("SATRL_HOME", str(tmp_path))
+    settings.cache_clear()
+    try:
+        capsys.readouterr()
+        rc = run(["attention", "--checkpoint", str(bitrot), "--attn", "CWCA",
+                  "--observations", str(obs), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+    finally:
+        settings.cache_clear()
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{bitrot}: policy.pth cannot be decompressed" in err
+    assert not (tmp_path / "out").exists()
