@@ -16,8 +16,10 @@ action head's weight shape), strictly: a checkpoint of any other architecture is
 from __future__ import annotations
 
 import io
+import lzma
 import pickle
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,14 @@ def read_policy_state(path: Path) -> dict[str, torch.Tensor]:
             payload = archive.read(info)
     except (zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{path}: not a readable zip ({error})") from None
+    except (zlib.error, lzma.LZMAError, EOFError, NotImplementedError) as error:
+        # zipfile checks a member's CRC only after inflating it: bytes flipped inside a deflated
+        # member raise the decompressor's own error (EOFError: a stream cut short).
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path}: {POLICY_MEMBER} cannot be decompressed "
+            f"({detail[:200] or type(error).__name__}): a damaged or unreadable checkpoint"
+        ) from None
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import lzma
 import math
 import os
 import platform
@@ -34,6 +35,7 @@ import sys
 import time
 import traceback
 import zipfile
+import zlib
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -618,7 +620,9 @@ def _zip_problem(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
             names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+    # testzip decompresses each member: a damaged deflated one raises zlib's error, not CRC's.
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error,
+            lzma.LZMAError, NotImplementedError) as error:
         return f"{type(error).__name__}: {error}"
     if bad is not None:
         return f"member {bad} fails its CRC check"

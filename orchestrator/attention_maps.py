@@ -267,31 +267,10 @@ def _load_policy(source: PolicySource) -> Any:
         if source.checkpoint is None:
             assert source.n_actions is not None
             return interpret.fresh_policy(source.attn, source.n_actions, seed=source.init_seed)
-        state = _read_policy_state(source.checkpoint)
+        state = interpret.read_policy_state(source.checkpoint)
         return interpret.build_policy(source.attn, state, source=str(source.checkpoint))
     except interpret.CheckpointError as error:
         raise UsageError(str(error)) from None
-
-
-def _read_policy_state(checkpoint: Path) -> Any:
-    """interpret.read_policy_state, with a damaged compressed member named in one line.
-
-    zipfile checks a member's CRC only after inflating it: bytes flipped inside a deflated
-    member raise the decompressor's own error (zlib.error, lzma.LZMAError, EOFError for a
-    stream cut short), which is not a BadZipFile."""
-    import lzma
-    import zlib
-
-    from agents import interpret
-
-    try:
-        return interpret.read_policy_state(checkpoint)
-    except (zlib.error, lzma.LZMAError, EOFError, NotImplementedError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise interpret.CheckpointError(
-            f"{checkpoint}: {interpret.POLICY_MEMBER} cannot be decompressed "
-            f"({detail[:200] or type(error).__name__}): a damaged or unreadable checkpoint"
-        ) from None
 
 
 def _action_names(

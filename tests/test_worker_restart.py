@@ -176,3 +176,20 @@ def test_a_dump_of_more_observations_than_envs_is_whole_even_at_the_last_step(
     assert dumps == sorted(f"obs_{s}_{k}.npy" for s in (512, TOTAL) for k in range(6))
     first = np.load(run_dir / "observations" / "obs_1024_0.npy")
     assert first.shape == (1, 4, 84, 84) and first.dtype == np.uint8
+
+
+def test_a_damaged_deflated_member_is_a_zip_problem_not_an_exception(tmp_path: Path) -> None:
+    # testzip() inflates each member: flipped bytes inside a deflated one raise zlib.error,
+    # which escaped is_finished (before the lock) and the checkpoint loader as a traceback.
+    from agents.train import _zip_problem
+
+    path = tmp_path / "model_checkpoint_1024_steps.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("data", "{}")
+        archive.writestr("policy.pth", bytes(range(256)) * 400)
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"policy.pth") + len("policy.pth") + 20  # inside its compressed bytes
+    raw[start:start + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    problem = _zip_problem(path)
+    assert problem is not None and ("error" in problem.lower() or "CRC" in problem)
