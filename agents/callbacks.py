@@ -318,12 +318,16 @@ class ObservationDumpCallback(EveryStepsCallback):
         self._recent: deque[np.ndarray] = deque()
 
     def _on_step(self) -> bool:
-        if self.count <= 0:
+        if self.count <= 0 or self.every_steps <= 0:
             return True
         crossed = self._crossed()
-        # Earlier steps a dump may need (none in the paper: 10 observations of 16 envs).
-        steps_kept = -(-self.count // self.model.n_envs) - 1
-        if not (crossed or self._dumping is not None or steps_kept > 0):
+        # Earlier steps a dump may need (none in the paper: 10 observations of 16 envs), kept
+        # only in the last few steps before the next crossing.
+        n_envs = self.model.n_envs
+        steps_kept = -(-self.count // n_envs) - 1
+        next_crossing = (self._last_multiple + 1) * self.every_steps
+        keep = steps_kept > 0 and self.model.num_timesteps >= next_crossing - steps_kept * n_envs
+        if not (crossed or self._dumping is not None or keep):
             return True  # the fast engine's new_obs lives on the device: read it only when used
         # SB3's rollout loop passes its locals to callbacks; new_obs is the documented batch of
         # observations after the step, already frame-stacked and channel-first.
@@ -336,7 +340,7 @@ class ObservationDumpCallback(EveryStepsCallback):
             self._save_batch(new_obs)
         if self._dumping is not None and self._next_k >= self.count:
             self._dumping = None
-        if steps_kept > 0:
+        if keep:
             self._recent.append(new_obs.copy())
             while len(self._recent) > steps_kept:
                 self._recent.popleft()
