@@ -7,8 +7,7 @@ two-sided p-value from Student's t distribution. A cell *differs* when p < ALPHA
 uncertainty counts, so two studies of the same distribution differ in about ALPHA of their cells
 by chance alone; a cell with fewer than two seeds on either side has no test (p is None).
 
-Student's t distribution is computed here (its CDF is a regularised incomplete beta function,
-evaluated by its continued fraction), so the comparison needs nothing beyond the standard library.
+Student's t distribution is scipy's (scipy.stats.t).
 """
 
 from __future__ import annotations
@@ -24,46 +23,13 @@ from orchestrator.analysis.table import GameTable
 ALPHA = 0.05
 
 
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz's method)."""
-    tiny, eps = 1e-300, 1e-16
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def regularized_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularised incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    # The fraction converges fast on this side of the mean; the other side by symmetry.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
 def t_two_sided_p(t: float, df: float) -> float:
     """P(|T| >= |t|) for Student's t with `df` (> 0, not necessarily whole) degrees of freedom."""
+    from scipy import stats
+
     if math.isnan(t):
         return math.nan
-    if math.isinf(t):
-        return 0.0
-    return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+    return float(2.0 * stats.t.sf(abs(t), df))
 
 
 @dataclass(frozen=True)
