@@ -33,6 +33,8 @@ fi
 compare=()
 [ -f "$published" ] && compare=(--compare published)
 satrl report --format html --out report --reps 200 "${compare[@]}"
-satrl report --reps 200 | head -40
+# The text form too (to a file first: `| head` would cut satrl off mid-write, and pipefail fails).
+satrl report --reps 200 > report/report.txt
+head -40 report/report.txt
 satrl sql "SELECT game, attn, seed, ROUND(mean_score, 1) AS mean_score, n_evaluations FROM run_scores WHERE experiment = 'demo'"
 echo "report written to $PWD/report"
