@@ -30,8 +30,6 @@ WHAT_KINDS: dict[str, frozenset[str]] = {
 RECORD_KINDS = frozenset({"run_json", "provenance", "exit"})
 #: Kinds that never change once written: verified against the manifest even while a run goes on.
 IMMUTABLE_KINDS = frozenset({"checkpoint", "observation"})
-#: Kinds whose file names carry the step count (the only names they may have).
-STEP_KINDS = frozenset({"checkpoint", "observation"})
 
 EXIT_JSON = rundir.EXIT_JSON
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
@@ -90,14 +88,12 @@ def kind_of(relative: str) -> str | None:
     """The kind of a run-directory file by its path (None: not something a fetch takes).
 
     A file beside the checkpoints or dumps whose name is not one (an NFS silly-rename leftover
-    `.nfs...`, a README) is None: it has no step, so it has no place in the store. Checked here
-    as well as in the worker, because an older worker's manifest lists such files.
+    `.nfs...`, a README) is None: `rundir.file_kind` only names files whose name holds a step,
+    which matters here because an older worker's manifest lists such files.
     """
     if relative == EXIT_JSON:
         return "exit"
     kind = rundir.file_kind(relative)
-    if kind in STEP_KINDS and step_of(relative, kind) is None:
-        return None
     return None if kind == "status" else kind
 
 
