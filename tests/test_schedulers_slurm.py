@@ -126,6 +126,8 @@ def test_squeue_and_scancel_of_a_real_slurm(slurm_cluster: SlurmCluster, tmp_pat
         "satrl-unit1": {i: f"{array}_{i}" for i in range(3)}}
     reply = scheduler.poll([*submission.job_ids, "999999_0"])
     assert set(reply.jobs) == set(submission.job_ids)
+    # One forgotten array alone: squeue -j exits 1 ("Invalid job id"), which means "no jobs".
+    assert scheduler.poll(["999999_0"]).jobs == {}
     assert {s.state for s in reply.jobs.values()} <= {JobState.PENDING, JobState.RUNNING}
     scheduler.cancel(list(submission.job_ids))
     deadline = time.monotonic() + 30
@@ -238,3 +240,44 @@ def test_poll_sees_jobs_that_another_user_of_a_shared_registry_submitted(
     reply = SlurmScheduler({}).poll(["12_0", "40_3"])
     assert {job_id: status.state for job_id, status in reply.jobs.items()} == {
         "12_0": JobState.RUNNING, "40_3": JobState.PENDING}
+
+
+def test_poll_asks_squeue_for_the_polled_arrays_only(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lab cluster lists tens of thousands of jobs: poll names its arrays (any user's)."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f"#!/bin/sh\necho \"$*\" >> '{calls}'\n"
+                      "echo '12_0|RUNNING|node1|satrl-a|None'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("orchestrator.schedulers.slurm.POLL_CHUNK", 2)
+    reply = SlurmScheduler({}).poll(["12_0", "12_1", "40_3", "7", "not-slurm_1", "9_0"])
+    assert set(reply.jobs) == {"12_0"}
+    assert [line.split(" -o ")[0] for line in calls.read_text().splitlines()] == [
+        "-h -r -t all -j 12,40", "-h -r -t all -j 7,9"]
+    calls.unlink()
+    assert SlurmScheduler({}).poll([]).jobs == {} and not calls.exists()
+
+
+@pytest.mark.parametrize(("ids", "stderr", "forgotten"), [
+    (["12_0"], "slurm_load_jobs error: Invalid job id specified", True),
+    (["12_0", "13_0"], "slurm_load_jobs error: Invalid job id specified", False),
+    (["12_0"], "slurm_load_jobs error: Unable to contact slurm controller", False),
+])
+def test_squeue_exit_1_is_no_jobs_only_for_one_forgotten_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ids: list[str], stderr: str,
+        forgotten: bool) -> None:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f"#!/bin/sh\necho '{stderr}' >&2\nexit 1\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    if forgotten:
+        assert SlurmScheduler({}).poll(ids).jobs == {}
+    else:
+        with pytest.raises(SchedulerError, match="squeue failed with exit code 1"):
+            SlurmScheduler({}).poll(ids)

@@ -1,4 +1,4 @@
-"""Slurm: `sbatch --array`, one `squeue` per poll, `scancel`.
+"""Slurm: `sbatch --array`, one `squeue -j <arrays>` per poll, `scancel`.
 
 `squeue -h -o` with explicit fields is stable across releases (its --json is not). squeue forgets
 finished jobs after the cluster's MinJobAge; the run directory's exit.json carries completion.
@@ -40,6 +40,10 @@ STATES: dict[str, JobState] = {
 SQUEUE_FORMAT = "%i|%T|%N|%j|%r"
 #: Fields of a job line: a line with fewer is an error message, not a job.
 SQUEUE_FIELDS = SQUEUE_FORMAT.count("|") + 1
+#: Array ids per squeue call: a study dispatched a few runs at a time has thousands of arrays.
+POLL_CHUNK = 500
+#: squeue's answer to `-j ID` for a single id it has forgotten (a list of ids just omits it).
+FORGOTTEN_JOB = "Invalid job id specified"
 
 
 class SlurmScheduler(Scheduler):
@@ -76,10 +80,19 @@ class SlurmScheduler(Scheduler):
         to contact slurm controller"): skipping such a line would read as "no jobs", and every
         run would go lost after the grace period.
         """
-        # Every user's jobs, not --me: with a lab's shared registry, a colleague's satrl status
-        # reconciles runs that you dispatched, and would take your jobs for lost.
+        # Any user's jobs, not --me: with a lab's shared registry, a colleague's satrl status
+        # reconciles runs that you dispatched, and would take your jobs for lost. The callers
+        # narrow the listing by job or name instead, so a busy cluster is not listed whole.
         command = ["squeue", "-h", "-r", "-t", "all", *extra, "-o", SQUEUE_FORMAT]
-        completed = run_command(command)
+        completed = run_command(command, ok_codes=(0, 1))
+        if completed.returncode:
+            # `-j` with one forgotten id is an error, not an empty listing: Slurm purged it.
+            forgotten = FORGOTTEN_JOB in completed.stderr and "-j" in extra \
+                and "," not in extra[extra.index("-j") + 1]
+            if forgotten:
+                return []
+            raise SchedulerError(f"squeue failed with exit code {completed.returncode}",
+                                 command=command, stderr=completed.stderr)
         rows = []
         for line in completed.stdout.splitlines():
             if not line.strip():
@@ -93,11 +106,17 @@ class SlurmScheduler(Scheduler):
         return rows
 
     def poll(self, job_ids: Sequence[str]) -> PollResult:
-        # All of the user's jobs in one call: `squeue -j` fails outright on one purged id.
+        # Only the arrays asked about (their ids, any user's): a list of ids omits the ones
+        # Slurm has forgotten, where `squeue` alone would list every job on the cluster.
         wanted = set(job_ids)
         result = PollResult()
+        # An id of another shape was never sbatch's; squeue would refuse the whole list for it.
+        arrays = sorted({job_id.partition("_")[0] for job_id in wanted
+                         if job_id.partition("_")[0].isdigit()})
+        rows = [fields for start in range(0, len(arrays), POLL_CHUNK)
+                for fields in self._squeue(["-j", ",".join(arrays[start:start + POLL_CHUNK])])]
         whole_arrays: dict[str, JobStatus] = {}
-        for fields in self._squeue():
+        for fields in rows:
             raw = fields[1].strip()
             template = JobStatus("", STATES.get(raw, JobState.UNKNOWN), raw, None,
                                  fields[2].strip() or None, fields[3], fields[4].strip())
