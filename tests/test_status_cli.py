@@ -24,6 +24,9 @@ def test_status_counts_grid_and_json(workspace: Path, capsys: pytest.CaptureFixt
     status = _json(capsys, "status")
     assert status["total"] == 9 and status["counts"]["queued"] == 9
     assert status["counts"]["succeeded"] == 0
+    assert {name: part["total"] for name, part in status["experiments"].items()} == {
+        "main": 8, "other": 1}
+    assert status["experiments"]["other"]["counts"]["queued"] == 1
     first = status["runs"][0]
     assert {"id", "experiment", "game", "attn", "seed", "state"} <= set(first)
     filtered = _json(capsys, "status", "--experiment", "main", "--game", "Pong")
@@ -34,7 +37,15 @@ def test_status_counts_grid_and_json(workspace: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     assert run(["status"]) == 0
     out = capsys.readouterr().out
-    assert "9 runs" in out and "Breakout" in out and "CWCA" in out and "0/2" in out
+    assert "2 experiments, 9 runs" in out and "Breakout" in out and "CWCA" in out
+    # One grid per experiment: other's Pong/SWA run is not pooled into main's grid.
+    main_block, other_block = out.split("experiment main: 8 runs")[1].split(
+        "experiment other: 1 run ")
+    assert "0/2" in main_block and "SWA" not in main_block and "Breakout" in main_block
+    assert "SWA" in other_block and "0/1" in other_block and "Breakout" not in other_block
+    assert run(["status", "-e", "main"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("8 runs") and "experiment" not in out and "SWA" not in out
     assert run(["status", "--state", "runing"]) == 2
     assert "did you mean running" in capsys.readouterr().err
 

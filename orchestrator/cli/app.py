@@ -35,6 +35,11 @@ ExperimentOpt = Annotated[
     str | None,
     typer.Option("--experiment", "-e", help="Experiment (default: the workspace's, 'main')."),
 ]
+#: For the commands that look across the registry (status, runs, sync).
+AnyExperimentOpt = Annotated[
+    str | None,
+    typer.Option("--experiment", "-e", help="Only this experiment (default: every one)."),
+]
 GamesOpt = Annotated[
     str | None,
     typer.Option("--games", "--game", "-g",

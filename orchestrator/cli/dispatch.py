@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from orchestrator.cli.app import (
+    AnyExperimentOpt,
     AttnOpt,
     DryRunOpt,
     ExperimentOpt,
@@ -173,7 +174,7 @@ def _wait(registry: Any, run_ids: list[int], json_: bool) -> None:
 
 @app.command()
 def sync(
-    experiment: ExperimentOpt = None,
+    experiment: AnyExperimentOpt = None,
     games: GamesOpt = None,
     attn: AttnOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Ask the schedulers even if they were "

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.cli.app import (
+    AnyExperimentOpt,
     AttnOpt,
     DryRunOpt,
     ExperimentOpt,
@@ -100,7 +101,7 @@ def queue(
 
 @app.command()
 def status(
-    experiment: ExperimentOpt = None,
+    experiment: AnyExperimentOpt = None,
     games: GamesOpt = None,
     attn: AttnOpt = None,
     state: StateOpt = None,
@@ -158,12 +159,24 @@ def _status_view(summary: Any) -> Any:
 
     if summary.total == 0:
         return Text("no runs match; queue some with `satrl queue --games ... --attn ...`")
-    line = Text.assemble((str(summary.total), "bold"), " runs ")
+    if len(summary.experiments) <= 1:
+        return Group(_counts_line(summary), _grid(summary.grid))
+    # One block per experiment: pooled, a study's runs would be added to an imported study's.
+    parts: list[Any] = [_counts_line(summary, f"{len(summary.experiments)} experiments, ")]
+    for name, part in summary.experiments.items():
+        parts += [Text(), _counts_line(part, "", name), _grid(part.grid)]
+    return Group(*parts)
+
+
+def _counts_line(summary: Any, prefix: str = "", experiment: str | None = None) -> Text:
+    # Text, not markup: an experiment or a state this satrl does not know is shown as data.
+    line = Text.assemble(("experiment ", "bold"), (experiment, "bold"), ": ") \
+        if experiment is not None else Text(prefix)
+    line.append(str(summary.total), "bold").append(" run " if summary.total == 1 else " runs ")
     for name, count in summary.counts.items():
         if count:
-            # Text, not markup: a state this satrl does not know is shown plain, as data.
             line.append("  ").append(f"{name} {count}", STATE_STYLE.get(name, ""))
-    return Group(line, _grid(summary.grid))
+    return line
 
 
 def _render_status(summary: Any) -> None:
@@ -196,7 +209,7 @@ def _grid(grid: dict[tuple[str, str], Any]) -> Table:
 
 @app.command()
 def runs(
-    experiment: ExperimentOpt = None,
+    experiment: AnyExperimentOpt = None,
     games: GamesOpt = None,
     attn: AttnOpt = None,
     seed_list: SeedListOpt = None,

@@ -130,30 +130,45 @@ def get_run(session: Session, experiment: str, game: str, attn: str, seed: int) 
 
 @dataclass
 class StatusSummary:
-    """What `satrl status` shows: counts per state and per (game, attn, state)."""
+    """What `satrl status` shows: counts per state and per (game, attn, state), in all and per
+    experiment (a grid pooled over experiments would add a study's runs to an imported one's)."""
 
     total: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     grid: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    experiments: dict[str, StatusSummary] = field(default_factory=dict)
+
+    def add(self, game: str, attn: str, state: str, count: int) -> None:
+        self.total += count
+        self.counts[state] = self.counts.get(state, 0) + count
+        self.grid.setdefault((game, attn), Counter())[state] += count
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "counts": self.counts, "runs": self.runs}
+        return {"total": self.total, "counts": self.counts,
+                "experiments": {name: {"total": part.total, "counts": part.counts}
+                                for name, part in self.experiments.items()},
+                "runs": self.runs}
+
+
+def _empty_counts() -> dict[str, int]:
+    return {state.value: 0 for state in RunState}
 
 
 def status_summary(session: Session, run_filter: RunFilter, *, with_runs: bool) -> StatusSummary:
     """Counts per state and the game x attention grid, with GROUP BY in the database."""
     grouped = run_filter.apply(
-        select(Run.game, Run.attn, Run.state, func.count())
+        select(Experiment.name, Run.game, Run.attn, Run.state, func.count())
         .select_from(Run)
         .join(Experiment, Run.experiment_id == Experiment.id)
-        .group_by(Run.game, Run.attn, Run.state)
+        .group_by(Experiment.name, Run.game, Run.attn, Run.state)
+        .order_by(Experiment.name)
     )
-    summary = StatusSummary(counts={state.value: 0 for state in RunState})
-    for game, attn, state, count in session.execute(grouped):
-        summary.total += count
-        summary.counts[state] = summary.counts.get(state, 0) + count
-        summary.grid.setdefault((game, attn), Counter())[state] += count
+    summary = StatusSummary(counts=_empty_counts())
+    for experiment, game, attn, state, count in session.execute(grouped):
+        summary.add(game, attn, state, count)
+        summary.experiments.setdefault(experiment, StatusSummary(counts=_empty_counts())).add(
+            game, attn, state, count)
     if with_runs:
         rows = session.execute(
             run_filter.apply(
