@@ -364,6 +364,19 @@ def test_what_and_checkpoints_choose_the_files(
         "checkpoints/model_checkpoint_512_steps.zip", "observations/obs_512_0.npy",
         "observations/obs_512_1.npy", "observations/obs_1024_0.npy",
         "observations/obs_1024_1.npy"}
+    # A step the run has no checkpoint of (a typo) is a problem and exit 1, not a quiet success.
+    rc, out = fetch_json(capsys, "Pong", "CWCA", "42", "--what", "checkpoints",
+                         "--checkpoints", "777,1024")
+    problems = [f for f in out["runs"][0]["files"] if f["status"] == "problem"]
+    assert rc == 1 and out["ok"] is False and [(f["path"], f["step"]) for f in problems] == [
+        ("checkpoints/model_checkpoint_777_steps.zip", 777)]
+    assert problems[0]["problem"] == ("no checkpoint at step 777 (this run's checkpoints: "
+                                      "512, 1,024)")
+    assert files_by_status(out["runs"][0], "unchanged") >= {
+        "checkpoints/model_checkpoint_1024_steps.zip"}
+    rc, out = fetch_json(capsys, "Pong", "CWCA", "42", "--what", "metrics",
+                         "--checkpoints", "777")
+    assert rc == 0  # no checkpoints asked for: no step to miss
     capsys.readouterr()
     assert run(["fetch", "Pong", "CWCA", "42", "--what", "checkpionts"]) == 2
     assert "(did you mean checkpoints?)" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.rundir import sha256_file
+from agents.rundir import checkpoint_path, sha256_file
 from agents.spec import RunSpec
 from orchestrator.store import ingest
 from orchestrator.store.layout import (
@@ -176,6 +176,8 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
     for task in tasks:
         unique.setdefault(task.source, task)
     tasks = list(unique.values())
+    if "checkpoint" in kinds:
+        plan.reports += _missing_checkpoints(tasks, checkpoints)
     tasks = _choose_checkpoints(tasks, checkpoints)
 
     for task in tasks:
@@ -310,6 +312,19 @@ def _choose_checkpoints(tasks: list[FileTask], choice: CheckpointChoice) -> list
     steps = [t.step for t in tasks if t.kind == "checkpoint" and t.step is not None]
     chosen = choice.select(steps)
     return [t for t in tasks if t.kind != "checkpoint" or t.step in chosen]
+
+
+def _missing_checkpoints(tasks: list[FileTask], choice: CheckpointChoice) -> list[FileReport]:
+    """A problem per asked-for step the run has no checkpoint of: a mistyped step would
+    otherwise fetch nothing and look like success."""
+    if choice.mode != "steps":
+        return []
+    have = sorted({t.step for t in tasks if t.kind == "checkpoint" and t.step is not None})
+    listed = ", ".join(f"{step:,}" for step in have) if have else "none yet"
+    return [FileReport(checkpoint_path(Path(), step).as_posix(), "problem", kind="checkpoint",
+                       step=step, problem=f"no checkpoint at step {step:,} (this run's "
+                                          f"checkpoints: {listed})")
+            for step in sorted(choice.steps - set(have))]
 
 
 def _listing_problem(relative: str, listing: dict[str, SourceFile]) -> str | None:
