@@ -377,6 +377,21 @@ def test_what_and_checkpoints_choose_the_files(
     rc, out = fetch_json(capsys, "Pong", "CWCA", "42", "--what", "metrics",
                          "--checkpoints", "777")
     assert rc == 0  # no checkpoints asked for: no step to miss
+
+
+def test_a_checkpoint_the_manifest_mislabels_is_one_problem_not_two(
+        synthetic: tuple[Path, int, np.ndarray], workspace: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, _, _ = synthetic
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    path = "checkpoints/model_checkpoint_512_steps.zip"
+    next(f for f in manifest["files"] if f["path"] == path)["kind"] = "observation"
+    rundir.write_json(run_dir / "manifest.json", manifest)
+    rc, out = fetch_json(capsys, "Pong", "CWCA", "42", "--what", "checkpoints",
+                         "--checkpoints", "512")
+    problems = [f for f in out["runs"][0]["files"] if f["status"] == "problem"]
+    assert rc == 1 and [f["path"] for f in problems] == [path]
+    assert problems[0]["problem"].startswith("manifest kind 'observation'")
     capsys.readouterr()
     assert run(["fetch", "Pong", "CWCA", "42", "--what", "checkpionts"]) == 2
     assert "(did you mean checkpoints?)" in capsys.readouterr().err

@@ -177,7 +177,7 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
         unique.setdefault(task.source, task)
     tasks = list(unique.values())
     if "checkpoint" in kinds:
-        plan.reports += _missing_checkpoints(tasks, checkpoints)
+        plan.reports += _missing_checkpoints(tasks, checkpoints, plan.reports)
     tasks = _choose_checkpoints(tasks, checkpoints)
 
     for task in tasks:
@@ -314,17 +314,22 @@ def _choose_checkpoints(tasks: list[FileTask], choice: CheckpointChoice) -> list
     return [t for t in tasks if t.kind != "checkpoint" or t.step in chosen]
 
 
-def _missing_checkpoints(tasks: list[FileTask], choice: CheckpointChoice) -> list[FileReport]:
+def _missing_checkpoints(tasks: list[FileTask], choice: CheckpointChoice,
+                        reported: list[FileReport]) -> list[FileReport]:
     """A problem per asked-for step the run has no checkpoint of: a mistyped step would
-    otherwise fetch nothing and look like success."""
+    otherwise fetch nothing and look like success. A checkpoint whose manifest entry already
+    is a problem is not reported twice."""
     if choice.mode != "steps":
         return []
     have = sorted({t.step for t in tasks if t.kind == "checkpoint" and t.step is not None})
     listed = ", ".join(f"{step:,}" for step in have) if have else "none yet"
-    return [FileReport(checkpoint_path(Path(), step).as_posix(), "problem", kind="checkpoint",
-                       step=step, problem=f"no checkpoint at step {step:,} (this run's "
-                                          f"checkpoints: {listed})")
-            for step in sorted(choice.steps - set(have))]
+    seen = {report.path for report in reported}
+    paths = {step: checkpoint_path(Path(), step).as_posix()
+             for step in sorted(choice.steps - set(have))}
+    return [FileReport(path, "problem", kind="checkpoint", step=step,
+                       problem=f"no checkpoint at step {step:,} (this run's checkpoints: "
+                               f"{listed})")
+            for step, path in paths.items() if path not in seen]
 
 
 def _listing_problem(relative: str, listing: dict[str, SourceFile]) -> str | None:
