@@ -162,16 +162,16 @@ def _status_view(summary: Any) -> Any:
     if len(summary.experiments) <= 1:
         return Group(_counts_line(summary), _grid(summary.grid))
     # One block per experiment: pooled, a study's runs would be added to an imported study's.
-    parts: list[Any] = [_counts_line(summary, f"{len(summary.experiments)} experiments, ")]
+    parts: list[Any] = [_counts_line(summary, Text(f"{len(summary.experiments)} experiments, "))]
     for name, part in summary.experiments.items():
-        parts += [Text(), _counts_line(part, "", name), _grid(part.grid)]
+        heading = Text.assemble((f"experiment {name}", "bold"), ": ")
+        parts += [Text(), _counts_line(part, heading), _grid(part.grid)]
     return Group(*parts)
 
 
-def _counts_line(summary: Any, prefix: str = "", experiment: str | None = None) -> Text:
+def _counts_line(summary: Any, prefix: Text | None = None) -> Text:
     # Text, not markup: an experiment or a state this satrl does not know is shown as data.
-    line = Text.assemble(("experiment ", "bold"), (experiment, "bold"), ": ") \
-        if experiment is not None else Text(prefix)
+    line = prefix or Text()
     line.append(str(summary.total), "bold").append(" run " if summary.total == 1 else " runs ")
     for name, count in summary.counts.items():
         if count:
