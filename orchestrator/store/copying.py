@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.rundir import checkpoint_path, sha256_file
+from agents.rundir import sha256_file
 from agents.spec import RunSpec
 from orchestrator.store import ingest
 from orchestrator.store.layout import (
@@ -116,6 +116,8 @@ class RunPlan:
     settled: bool
     to_copy: list[FileTask] = field(default_factory=list)
     reports: list[FileReport] = field(default_factory=list)
+    #: Steps of the checkpoints the run has (whichever were chosen).
+    checkpoint_steps: frozenset[int] = frozenset()
 
     @property
     def bytes_to_copy(self) -> int:
@@ -176,8 +178,8 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
     for task in tasks:
         unique.setdefault(task.source, task)
     tasks = list(unique.values())
-    if "checkpoint" in kinds:
-        plan.reports += _missing_checkpoints(tasks, checkpoints, plan.reports)
+    plan.checkpoint_steps = frozenset(t.step for t in tasks
+                                      if t.kind == "checkpoint" and t.step is not None)
     tasks = _choose_checkpoints(tasks, checkpoints)
 
     for task in tasks:
@@ -312,24 +314,6 @@ def _choose_checkpoints(tasks: list[FileTask], choice: CheckpointChoice) -> list
     steps = [t.step for t in tasks if t.kind == "checkpoint" and t.step is not None]
     chosen = choice.select(steps)
     return [t for t in tasks if t.kind != "checkpoint" or t.step in chosen]
-
-
-def _missing_checkpoints(tasks: list[FileTask], choice: CheckpointChoice,
-                        reported: list[FileReport]) -> list[FileReport]:
-    """A problem per asked-for step the run has no checkpoint of: a mistyped step would
-    otherwise fetch nothing and look like success. A checkpoint whose manifest entry already
-    is a problem is not reported twice."""
-    if choice.mode != "steps":
-        return []
-    have = sorted({t.step for t in tasks if t.kind == "checkpoint" and t.step is not None})
-    listed = ", ".join(f"{step:,}" for step in have) if have else "none yet"
-    seen = {report.path for report in reported}
-    paths = {step: checkpoint_path(Path(), step).as_posix()
-             for step in sorted(choice.steps - set(have))}
-    return [FileReport(path, "problem", kind="checkpoint", step=step,
-                       problem=f"no checkpoint at step {step:,} (this run's checkpoints: "
-                               f"{listed})")
-            for step, path in paths.items() if path not in seen]
 
 
 def _listing_problem(relative: str, listing: dict[str, SourceFile]) -> str | None:

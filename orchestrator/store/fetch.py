@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from orchestrator import paths
+from orchestrator.errors import UsageError
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Experiment, Run, RunState
 from orchestrator.registry.queries import RunFilter
@@ -152,7 +153,25 @@ def plan_fetch(source: Source, targets: list[RunTarget], request: FetchRequest,
                                     exit_code=error.exit_code))
         if on_run:
             on_run(target)
+    if "checkpoint" in request.kinds:
+        _check_steps_exist(plans, request.checkpoints)
     return Fetch(plans, failed)
+
+
+def _check_steps_exist(plans: list[RunPlan], choice: CheckpointChoice) -> None:
+    """UsageError, before anything is copied, for an asked-for step no run has a checkpoint
+    of: a typo'd step would otherwise fetch nothing and look like success. A step that only
+    some runs have is taken where it is (the others have not reached it, or never will)."""
+    if choice.mode != "steps" or not plans:
+        return
+    have = frozenset().union(*(plan.checkpoint_steps for plan in plans))
+    missing = sorted(choice.steps - have)
+    if missing:
+        whose = plans[0].target.key if len(plans) == 1 else f"any of the {len(plans)} runs"
+        steps = ", ".join(f"{step:,}" for step in missing)
+        listed = ", ".join(f"{step:,}" for step in sorted(have)) or "none yet"
+        raise UsageError(f"no checkpoint at step {steps} in {whose} (checkpoints: {listed}); "
+                         "nothing fetched")
 
 
 def run_fetch(registry: Registry, source: Source, plan: RunPlan,
