@@ -254,7 +254,8 @@ def test_poll_asks_squeue_for_the_polled_arrays_only(tmp_path: Path,
     squeue.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr("orchestrator.schedulers.slurm.POLL_CHUNK", 2)
-    reply = SlurmScheduler({}).poll(["12_0", "12_1", "40_3", "7", "not-slurm_1", "9_0"])
+    reply = SlurmScheduler({}).poll(["12_0", "12_1", "40_3", "7", "not-slurm_1", "9_0", "0_1",
+                                     "4294967296_0", "\u00b2_0"])
     assert set(reply.jobs) == {"12_0"}
     assert [line.split(" -o ")[0] for line in calls.read_text().splitlines()] == [
         "-h -r -t all -j 12,40", "-h -r -t all -j 7,9"]

@@ -111,8 +111,8 @@ class SlurmScheduler(Scheduler):
         wanted = set(job_ids)
         result = PollResult()
         # An id of another shape was never sbatch's; squeue would refuse the whole list for it.
-        arrays = sorted({job_id.partition("_")[0] for job_id in wanted
-                         if job_id.partition("_")[0].isdigit()})
+        arrays = sorted({array for array in (job_id.partition("_")[0] for job_id in wanted)
+                         if is_slurm_job_id(array)})
         rows = [fields for start in range(0, len(arrays), POLL_CHUNK)
                 for fields in self._squeue(["-j", ",".join(arrays[start:start + POLL_CHUNK])])]
         whole_arrays: dict[str, JobStatus] = {}
@@ -160,6 +160,12 @@ class SlurmScheduler(Scheduler):
                     found.setdefault(fields[3], {}).update(
                         {i: f"{array}_{i}" for i in range(size)})
         return found
+
+
+def is_slurm_job_id(text: str) -> bool:
+    """A number squeue -j takes (Slurm's ids are 32-bit, from 1): anything else makes it refuse
+    the whole list ("Invalid job id: 4294967296")."""
+    return text.isascii() and text.isdigit() and 0 < int(text) < 2**32
 
 
 def expand_ids(job_id: str) -> list[str]:
