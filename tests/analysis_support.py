@@ -21,9 +21,13 @@ Episodes = dict[tuple[str, str, int], list[list[float]]]
 
 
 def make_study(registry: Registry, experiment: str, games: list[str], attns: list[str],
-               seeds: list[int], episodes: Episodes) -> None:
-    """Queue games x attns x seeds; give the runs in `episodes` their evaluations."""
-    queue_runs(registry, QueueRequest(experiment, games, attns, seeds, overrides=OVERRIDES))
+               seeds: list[int], episodes: Episodes, *, n_evals: int = N_EVALS) -> None:
+    """Queue games x attns x seeds; give the runs in `episodes` their evaluations.
+
+    `n_evals` other than N_EVALS trains the study longer or shorter (another evaluation grid).
+    """
+    overrides = {**OVERRIDES, "total_timesteps": str(EVAL_EVERY * n_evals)}
+    queue_runs(registry, QueueRequest(experiment, games, attns, seeds, overrides=overrides))
     with registry.write() as session:
         ids = {(g, a, s): rid for rid, g, a, s in session.execute(
             select(Run.id, Run.game, Run.attn, Run.seed).join(Experiment)
@@ -36,7 +40,7 @@ def make_study(registry: Registry, experiment: str, games: list[str], attns: lis
                             for k, score in enumerate(scores))
         if rows:
             session.execute(Evaluation.__table__.insert(), rows)
-        done = [ids[k] for k, e in episodes.items() if len(e) >= N_EVALS]
+        done = [ids[k] for k, e in episodes.items() if len(e) >= n_evals]
         if done:
             session.execute(update(Run).where(Run.id.in_(done))
                             .values(state=RunState.SUCCEEDED.value))

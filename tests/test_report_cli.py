@@ -104,6 +104,26 @@ def test_compare_by_hand(two_studies, capsys) -> None:  # type: ignore[no-untype
     assert "0 of 4 tested cells" in md
 
 
+def test_compare_warns_of_another_grid_and_says_why_cells_are_left_out(  # type: ignore[no-untyped-def]
+        two_studies, capsys) -> None:
+    """Studies trained for different budgets differ everywhere for that reason alone."""
+    assert run(["report", "-e", "new", "--compare", "old", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    assert "Warning" not in md and "not compared" not in md
+    longer = {(g, a, s): constant_run(base + s, n_evals=8) for g, base in (("Pong", -20.0),)
+              for a in ATTNS for s in SEEDS}
+    make_study(two_studies, "longer", ["Pong"], ATTNS, SEEDS, longer, n_evals=8)
+    assert run(["report", "-e", "new", "--compare", "longer", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    assert ("Warning: the studies' evaluation grids differ (this: 4 evaluations up to 1,024 "
+            "steps; longer: 8 evaluations up to 2,048 steps)") in md
+    assert "2 cells are not in longer and are not compared." in md
+    assert run(["report", "-e", "longer", "--compare", "new", "-f", "md", "--reps", "20"]) == 0
+    md = capsys.readouterr().out
+    assert "this: 8 evaluations up to 2,048 steps; new: 4 evaluations" in md
+    assert "2 cells are only in new and are not compared." in md
+
+
 def test_same_seed_same_report(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]
     outputs = []
     for seed in ("3", "3", "4"):

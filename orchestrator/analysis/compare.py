@@ -82,8 +82,19 @@ class CompareRow:
 class Comparison:
     other: str
     rows: list[CompareRow]
-    #: (game, type) cells complete in only one of the two studies.
-    unmatched: list[tuple[str, str]]
+    #: (game, type) cells this study does not have, and cells the other does not have.
+    only_other: list[tuple[str, str]]
+    only_this: list[tuple[str, str]]
+    #: Cells both studies have, not complete in at least one of them.
+    incomplete: list[tuple[str, str]]
+    #: Both studies' evaluation grids in words, where they differ: the two were trained for
+    #: different budgets, and their cells differ for that reason alone.
+    grids_differ: tuple[str, str] | None = None
+
+    @property
+    def unmatched(self) -> list[tuple[str, str]]:
+        """Every cell that is not compared."""
+        return sorted(self.only_other + self.only_this + self.incomplete)
 
     @property
     def n_differ(self) -> int:
@@ -94,18 +105,22 @@ class Comparison:
         return sum(r.p_value is not None for r in self.rows)
 
 
-def compare_tables(this: GameTable, other: GameTable, other_name: str) -> Comparison:
-    rows: list[CompareRow] = []
-    unmatched: list[tuple[str, str]] = []
+def compare_tables(this: GameTable, other: GameTable, other_name: str,
+                   grids_differ: tuple[str, str] | None = None) -> Comparison:
+    comparison = Comparison(other_name, [], [], [], [], grids_differ)
     keys = sorted(set(this.cells) | set(other.cells),
                   key=lambda k: (k[0], ATTENTION_TYPES.index(k[1])))
     for key in keys:
         a, b = this.cells.get(key), other.cells.get(key)
-        if a is None or b is None or not (a.complete and b.complete):
-            unmatched.append(key)
+        if a is None or b is None:
+            (comparison.only_other if a is None else comparison.only_this).append(key)
+            continue
+        if not (a.complete and b.complete):
+            comparison.incomplete.append(key)
             continue
         assert a.mean is not None and b.mean is not None
         test = welch_test(a.seed_scores, b.seed_scores)
-        rows.append(CompareRow(key[0], key[1], a.mean, a.std_error, b.mean, b.std_error,
-                               a.mean - b.mean, None if test is None else test.p_value))
-    return Comparison(other_name, rows, unmatched)
+        comparison.rows.append(CompareRow(key[0], key[1], a.mean, a.std_error, b.mean,
+                                          b.std_error, a.mean - b.mean,
+                                          None if test is None else test.p_value))
+    return comparison

@@ -183,9 +183,19 @@ def sections(report: Report) -> list[Section]:
             f"differs: p < {ALPHA:g}; {comparison.n_differ} of {comparison.n_tested} tested "
             f"cells. Two studies of the same distribution differ in about "
             f"{ALPHA:.0%} of their cells by chance alone.")
-        if comparison.unmatched:
-            section.notes.append(f"{len(comparison.unmatched)} cells are not complete in both "
-                                 "studies and are not compared.")
+        if comparison.grids_differ is not None:
+            this_grid, other_grid = comparison.grids_differ
+            # First: it changes what every row means.
+            section.notes.insert(0, f"Warning: the studies' evaluation grids differ (this: "
+                                    f"{this_grid}; {comparison.other}: {other_grid}), so their "
+                                    "scores measure different things: a difference here says "
+                                    "nothing about the attention types.")
+        left_out = [(comparison.only_other, f"are only in {comparison.other}"),
+                    (comparison.only_this, f"are not in {comparison.other}"),
+                    (comparison.incomplete, "are not complete in both studies")]
+        for cells, why in left_out:
+            if cells:
+                section.notes.append(f"{len(cells)} cells {why} and are not compared.")
         for r in comparison.rows:
             section.rows.append([
                 Value(r.game), Value(r.attn), Value(_mean_se(r.mean, r.std_error)),

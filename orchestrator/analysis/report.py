@@ -22,7 +22,7 @@ from orchestrator.analysis.aggregates import (
 from orchestrator.analysis.compare import Comparison, compare_tables
 from orchestrator.analysis.curves import Curve, learning_curves
 from orchestrator.analysis.reference import reference_scores
-from orchestrator.analysis.scores import StudyScores, load_study
+from orchestrator.analysis.scores import StudyScores, describe_grid, load_study
 from orchestrator.analysis.table import GameTable, build_table
 from orchestrator.errors import UsageError
 from orchestrator.registry.db import Registry
@@ -109,8 +109,13 @@ def build_report(registry: Registry, options: ReportOptions) -> Report:
     start = time.perf_counter()
     table = build_table(study)
     gaps = find_gaps(study, table)
-    comparison = (compare_tables(table, build_table(other), other.experiment)
-                  if other is not None else None)
+    comparison = None
+    if other is not None:
+        grids_differ = None
+        if other.runs and study.grid.tolist() != other.grid.tolist():
+            grids_differ = (describe_grid(study.grid.tolist()),
+                            describe_grid(other.grid.tolist()))
+        comparison = compare_tables(table, build_table(other), other.experiment, grids_differ)
     curves = learning_curves(study)
     timings["table"] = time.perf_counter() - start
 

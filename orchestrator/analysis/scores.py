@@ -18,7 +18,7 @@ as gaps, so a study in progress is never averaged as if it were finished.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,11 +165,15 @@ class StudyScores:
         return [r for r in self.cells.get((game, attn), []) if r.complete]
 
 
+def describe_grid(grid: Sequence[int]) -> str:
+    """`20 evaluations up to 10,000,000 steps`: a study's training budget in words."""
+    return f"{len(grid)} evaluations up to {grid[-1] if len(grid) else 0:,} steps"
+
+
 def _check_one_grid(experiment: str, runs: list[RunScore]) -> None:
     grids = Counter(tuple(r.grid.tolist()) for r in runs)
     if len(grids) > 1:
-        shown = "; ".join(f"{len(g)} evaluations up to {g[-1] if g else 0:,} ({n} runs)"
-                          for g, n in grids.most_common())
+        shown = "; ".join(f"{describe_grid(g)} ({n} runs)" for g, n in grids.most_common())
         raise UsageError(f"experiment {experiment!r} holds runs with different evaluation grids "
                          f"({shown}): their scores cannot be compared; a study is one spec")
 
