@@ -133,8 +133,13 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def expand_observations(items: list[str]) -> list[Path]:
-    """`--observations` values (folders, files, quoted glob patterns) -> .npy files, in order."""
+def expand_observations(items: list[str], game: str | None) -> list[Path]:
+    """`--observations` values (folders, files, quoted glob patterns) -> .npy files, in order.
+
+    A file named for another game (`Assault_obs_1.npy`, as the study's published dumps are) is
+    refused: that game's frames would go through `game`'s policy and make a figure of noise.
+    Without a game (a --checkpoint with no run.json) nothing is checked.
+    """
     found: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
@@ -156,7 +161,21 @@ def expand_observations(items: list[str]) -> list[Path]:
     unique = list(dict.fromkeys(found))
     if not unique:
         raise UsageError("--observations: no observation files given")
+    if game is not None:
+        _refuse_other_games(unique, game)
     return unique
+
+
+def _refuse_other_games(files: list[Path], game: str) -> None:
+    from agents.catalog import GAMES
+
+    others = sorted({p.name.split("_")[0] for p in files
+                     if p.name.split("_")[0] in GAMES and p.name.split("_")[0] != game})
+    if others:
+        folder = files[0].parent
+        raise UsageError(f"--observations: files named for {', '.join(others)}, not {game}, "
+                         f"e.g. {next(p for p in files if p.name.startswith(others[0] + '_'))}; "
+                         f"pass only {game}'s (e.g. '{folder}/{game}_*.npy')")
 
 
 def run_observations(folder: Path) -> list[Path]:
@@ -353,14 +372,15 @@ def _checkpoint_figure(request: AttentionRequest) -> FigureRequest:
         attn = spec.attn
     elif spec is not None and spec.attn != attn:
         raise UsageError(f"--attn {attn} contradicts {run_json} (attn {spec.attn})")
+    game = request.game or (spec.game if spec else None)
     observations = _observations(request, checkpoint.parent.parent / "observations"
                                  if checkpoint.parent.name == "checkpoints"
-                                 else checkpoint.parent / "observations")
+                                 else checkpoint.parent / "observations", game)
     step = checkpoint_step(checkpoint)
     return FigureRequest(
         title=f"{checkpoint.name}: {attn}", stem=f"{checkpoint.stem}_attention",
         out=request.out, sources=[PolicySource(attn, checkpoint, step)],
-        observations=observations, game=request.game or (spec.game if spec else None),
+        observations=observations, game=game,
         colormap=request.colormap, scale=request.scale, limit=request.limit,
     )
 
@@ -380,7 +400,8 @@ def _fresh_figure(request: AttentionRequest) -> FigureRequest:
     return FigureRequest(
         title=f"{request.game} {label}, freshly initialised (seed {request.seed})",
         stem=f"{stem}_attention", out=request.out, sources=sources,
-        observations=expand_observations(request.observations), game=request.game,
+        observations=expand_observations(request.observations, request.game),
+        game=request.game,
         colormap=request.colormap, scale=request.scale, limit=request.limit,
     )
 
@@ -436,7 +457,8 @@ def _store_figure(request: AttentionRequest) -> FigureRequest:
         raise NotFoundError(f"no fetched checkpoint{step} of {game} seed {seed} in experiment "
                             f"{request.experiment!r} under {request.store}")
     first_store = paths.store_dir(request.store, request.experiment, game, sources[0].attn, seed)
-    observations = _observations(request, observation_folder or first_store / "observations")
+    observations = _observations(request, observation_folder or first_store / "observations",
+                                 game)
     if request.compare:
         steps = {s.step for s in sources}
         step_part = f"_{steps.pop()}_steps" if len(steps) == 1 else ""
@@ -451,9 +473,10 @@ def _store_figure(request: AttentionRequest) -> FigureRequest:
                          scale=request.scale, limit=request.limit, skipped=tuple(skipped))
 
 
-def _observations(request: AttentionRequest, default_folder: Path) -> list[Path]:
+def _observations(request: AttentionRequest, default_folder: Path,
+                  game: str | None) -> list[Path]:
     if request.observations:
-        return expand_observations(request.observations)
+        return expand_observations(request.observations, game)
     found = run_observations(default_folder)
     if not found:
         raise NotFoundError(f"no observation dumps in {default_folder}: fetch them (satrl fetch "

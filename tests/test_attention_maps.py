@@ -426,6 +426,22 @@ def test_bad_observations_are_refused_with_what_is_wrong(cli: Any, store: Path,
     assert rc == 2 and "does not exist" in stderr
 
 
+def test_observations_named_for_another_game_are_refused(cli: Any, store: Path,
+                                                        tmp_path: Path) -> None:
+    """The published folder holds Assault's and Pong's dumps: Pong's policy takes Pong's only."""
+    assert GAME != "Assault"
+    for given, example in ((PUBLISHED, 1), (PUBLISHED / "*.npy", 1),
+                           (PUBLISHED / "Assault_obs_3.npy", 3)):
+        out = tmp_path / "out"
+        rc, _, stderr = cli("attention", GAME, "NA", str(SEED), "--observations", str(given),
+                            "--out", str(out))
+        assert rc == 2 and stderr.strip().splitlines()[-1] == (
+            f"satrl: --observations: files named for Assault, not {GAME}, e.g. "
+            f"{PUBLISHED / f'Assault_obs_{example}.npy'}; "
+            f"pass only {GAME}'s (e.g. '{PUBLISHED}/{GAME}_*.npy')"), given
+        assert not out.exists()
+
+
 def test_a_run_without_observation_dumps_asks_for_observations(
     cli: Any, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
