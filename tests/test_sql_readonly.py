@@ -71,6 +71,21 @@ def test_values_and_names_print_as_they_are(workspace: Path,
     assert "[bold]col" in captured.out and "a\\ " in captured.out
 
 
+def test_piped_output_is_whole_and_csv_lines_end_in_newline(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Redirected, rich cut tables to 80 columns ('685.\u2026', 'run_\u2026')."""
+    long_value = "x" * 150
+    columns = ", ".join(f"{i * 1.25} AS column_number_{i}" for i in range(12))
+    capsys.readouterr()
+    assert run(["sql", f"SELECT '{long_value}' AS value, 10000000 AS steps, {columns}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "\u2026" not in "".join(lines)
+    assert lines[0].split() == ["value", "steps", *(f"column_number_{i}" for i in range(12))]
+    assert lines[1].split() == [long_value, "10000000", *(str(i * 1.25) for i in range(12))]
+    assert run(["sql", "SELECT 1 AS a, 'b' AS b", "--csv"]) == 0
+    assert capsys.readouterr().out == "a,b\n1,b\n"
+
+
 def _file_statements(database_url: str, target: Path) -> list[tuple[str, str]]:
     """(statement, the keyword it is refused by)."""
     if database_url.startswith("sqlite"):

@@ -27,7 +27,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
+#: Output to a pipe or a file is read by programs: rich would cut every table to 80 columns
+#: ("685.…", "run_…"), so there it is as wide as its widest line instead.
+PIPE_WIDTH = 100_000
+console = Console() if Console().is_terminal else Console(width=PIPE_WIDTH)
 err_console = Console(stderr=True)
 
 # --- option types shared by commands ------------------------------------------------------

@@ -341,7 +341,7 @@ def sql(
         import csv
         import sys
 
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # not the csv module's \r\n
         writer.writerow(result.columns)
         writer.writerows(result.rows)
     else:
