@@ -45,7 +45,7 @@ from orchestrator.paths import run_dir as run_dir_path
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Event, Experiment, Job, Run, RunState, epoch, utcnow
 from orchestrator.registry.queries import RunFilter, select_runs
-from orchestrator.resources import Resources, resolve_resources
+from orchestrator.resources import GENERIC_KEYS, Resources, resolve_resources
 from orchestrator.schedulers import batches_folder, get_scheduler, python_interpreter
 from orchestrator.schedulers.base import (
     Batch,
@@ -54,6 +54,7 @@ from orchestrator.schedulers.base import (
     Scheduler,
     config_number,
 )
+from orchestrator.schedulers.procs import read_json, write_json_atomic
 
 #: Largest array by default (Slurm's default MaxArraySize is 1001; PBS's max_array_size 10000).
 DEFAULT_MAX_ARRAY = 1000
@@ -81,6 +82,8 @@ class PlannedBatch:
     command: list[str]
     script: str
     job_ids: tuple[str, ...] = ()
+    #: The resources the command line asked for (kept with the batch for a requeue).
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"token": self.batch.token, "runs": [rid for rid, _ in self.runs],
@@ -300,8 +303,38 @@ def plan_batches(registry: Registry, settings: Any, scheduler: Scheduler,
                               int(math.ceil(margin)))
                 planned.append(PlannedBatch(batch, [(run.id, run.key) for run in chunk],
                                             scheduler.submit_command(batch),
-                                            scheduler.render_script(batch)))
+                                            scheduler.render_script(batch),
+                                            overrides=command_line_resources(request)))
     return planned
+
+
+#: In a batch folder: the resources its dispatch took from the command line, so that a
+#: requeue (by hand or automatic) asks for them again instead of satrl.toml's defaults.
+REQUESTED_RESOURCES_JSON = "requested_resources.json"
+
+
+def command_line_resources(request: DispatchRequest) -> dict[str, Any]:
+    return {key: value for key, value in request.resources.items() if value is not None}
+
+
+def requested_resources(settings: Any, token: str | None) -> dict[str, Any]:
+    """The command-line resources batch `token` was dispatched with; {} when unknown (a batch
+    of an older satrl, or a folder scratch lost): satrl.toml's then apply alone."""
+    if not token:
+        return {}
+    data = read_json(batches_folder(settings) / token / REQUESTED_RESOURCES_JSON)
+    # Checked again by resolve_resources; keys it does not know would be ignored there.
+    return {k: v for k, v in (data or {}).items() if k in GENERIC_KEYS}
+
+
+def check_dispatchable(registry: Registry, settings: Any, backend: str, run_ids: list[int],
+                       overrides: dict[str, Any]) -> None:
+    """What `dispatch` of these runs would refuse, refused now (before a requeue moves them)."""
+    scheduler = get_scheduler(backend, settings)
+    resources = resolve_resources(settings, backend, overrides)
+    check_config(settings, scheduler)
+    with registry.session() as session:
+        check_walltime(resources, list(session.scalars(select(Run).where(Run.id.in_(run_ids)))))
 
 
 def launch_command(settings: Any, image: Any) -> tuple[str, ...]:
@@ -345,6 +378,13 @@ def submit_batch(registry: Registry, scheduler: Scheduler, planned: PlannedBatch
     except (SatrlError, OSError) as error:
         release_claim(registry, batch.token, f"submission failed: {error}")
         raise
+    try:
+        batch.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(batch.folder / REQUESTED_RESOURCES_JSON, planned.overrides)
+    except OSError as error:
+        release_claim(registry, batch.token, f"submission failed: {error}")
+        raise SatrlError(f"cannot write {batch.folder / REQUESTED_RESOURCES_JSON}: {error}"
+                         ) from None
     try:
         submission = scheduler.submit(batch)
     except CommandNotStarted as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,64 @@ def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
     result.requeued = [(rid, key) for rid, key, _ in ready]
     if dry_run or not ready:
         return result
+    by_backend: dict[str, list[int]] = {}
+    for rid, _, job_backend in ready:
+        by_backend.setdefault(backend or job_backend or settings.backend, []).append(rid)
+    groups = [group for name, run_ids in by_backend.items()
+              for group in dispatch_groups(registry, settings, run_ids, name)]
+    if dispatch_now:
+        from orchestrator.dispatching import check_dispatchable
+
+        # The move to queued is committed before the dispatch: what dispatch would refuse
+        # (resources, walltime, satrl.toml's numbers) must be refused while nothing changed.
+        for group in groups:
+            check_dispatchable(registry, settings, group.backend, group.run_ids,
+                               group.resources)
     moved = move_to_queued(registry, [rid for rid, _, _ in ready], "requeued by the user")
     result.requeued = [(rid, key) for rid, key, _ in ready if rid in moved]
     if dispatch_now:
-        by_backend: dict[str, list[int]] = {}
-        for rid, _, job_backend in ready:
-            if rid in moved:
-                by_backend.setdefault(backend or job_backend or settings.backend, []).append(rid)
-        for name, run_ids in by_backend.items():
-            result.dispatched += _dispatch_ids(registry, settings, run_ids, name)
+        for group in groups:
+            result.dispatched += _dispatch_group(registry, settings, group, moved)
     return result
+
+
+@dataclass(frozen=True)
+class DispatchGroup:
+    """Runs that go out together again: one backend, the resources of their last dispatch."""
+
+    backend: str
+    resources: dict[str, Any]
+    run_ids: list[int]
+
+
+def dispatch_groups(registry: Registry, settings: Any, run_ids: list[int], backend: str
+                    ) -> list[DispatchGroup]:
+    """`run_ids` grouped by the command-line resources of their newest job's batch (when that
+    job ran on `backend`): a run dispatched with --gpus 1 --walltime-min 600 is resubmitted so,
+    not with satrl.toml's defaults."""
+    from orchestrator.dispatching import requested_resources
+
+    with registry.session() as session:
+        last_batch = {run_id: job.batch for run_id, job in _newest_jobs(session, run_ids).items()
+                      if job.backend == backend}
+    groups: dict[str, DispatchGroup] = {}
+    for run_id in run_ids:
+        resources = requested_resources(settings, last_batch.get(run_id))
+        key = json.dumps(resources, sort_keys=True)
+        groups.setdefault(key, DispatchGroup(backend, resources, [])).run_ids.append(run_id)
+    return list(groups.values())
+
+
+def _dispatch_group(registry: Registry, settings: Any, group: DispatchGroup,
+                    moved: set[int]) -> list[int]:
+    from orchestrator.dispatching import DispatchRequest, dispatch
+
+    run_ids = tuple(rid for rid in group.run_ids if rid in moved)
+    if not run_ids:
+        return []
+    request = DispatchRequest(RunFilter(run_ids=run_ids), backend=group.backend,
+                              resources=group.resources)
+    return dispatch(registry, settings, request).run_ids
 
 
 def _still_in_scheduler(settings: Any, candidates: list[tuple[int, str, str | None, str | None]]
@@ -135,20 +184,13 @@ def move_to_queued(registry: Registry, run_ids: list[int], why: str) -> set[int]
     return moved
 
 
-def _dispatch_ids(registry: Registry, settings: Any, run_ids: list[int], backend: str
-                  ) -> list[int]:
-    from orchestrator.dispatching import DispatchRequest, dispatch
-
-    result = dispatch(registry, settings, DispatchRequest(RunFilter(run_ids=tuple(run_ids)),
-                                                          backend=backend))
-    return result.run_ids
-
-
 def requeue_and_dispatch(registry: Registry, settings: Any, run_ids: list[int], *,
                          backend: str, why: str) -> list[int]:
-    """Auto-requeue: back to queued and submitted again on `backend`; the ids dispatched."""
+    """Auto-requeue: back to queued and submitted again on `backend`, with the resources of
+    each run's last dispatch; the ids dispatched."""
+    groups = dispatch_groups(registry, settings, run_ids, backend)
     moved = move_to_queued(registry, run_ids, why)
-    return _dispatch_ids(registry, settings, sorted(moved), backend) if moved else []
+    return [rid for group in groups for rid in _dispatch_group(registry, settings, group, moved)]
 
 
 @dataclass

@@ -90,9 +90,20 @@ def test_pbs_dispatch_and_status_against_captured_openpbs_output(
     code, out, err = cli(capsys, "requeue", "--failed", "--dry-run")
     assert code == 0 and "would requeue 3 run(s)" in out
     (folder / "reply.json").write_text('{"timestamp": 1, "Jobs": {}}')
+    # What dispatch would refuse is refused before requeue moves a run.
+    configure(workspace, '[pbs]\npoll_interval_s = 3600\nqueue = "workq"\ncpus = 0\n',
+              dispatch='backend = "pbs"\nlost_grace_s = 2')
+    code, out, err = cli(capsys, "requeue", "--failed")
+    assert code == 2 and "satrl.toml [pbs]: cpus must be >= 1, not 0" in err
+    assert [states(capsys)[r] for r in refs[1:]] == ["failed"] * 3
+    assert len(_calls(folder, "qsub")) == 1
+    configure(workspace, '[pbs]\npoll_interval_s = 3600\nqueue = "workq"\n',
+              dispatch='backend = "pbs"\nlost_grace_s = 2')
     code, out, err = cli(capsys, "requeue", "--failed")
     assert code == 0 and "requeued 3 run(s); dispatched 3" in out, err
+    # Resubmitted with the walltime dispatch was given on the command line, not the default.
     assert len(_calls(folder, "qsub")) == 2
+    assert " -l walltime=00:30:00 " in _calls(folder, "qsub")[1]
     first = cli_json(capsys, "sync", "--force")
     assert first["transitions"] == []  # omitted once: not lost at once
     time.sleep(2.5)

@@ -238,12 +238,10 @@ def requeue_command(
     states = tuple(name for name, on in (("failed", failed), ("lost", lost),
                                          ("cancelled", cancelled)) if on)
     settings = _settings()
-    # requeue commits the move to queued before it dispatches: a backend or a satrl.toml that
-    # dispatch would refuse must be refused first, while nothing has changed. Without
-    # --backend each run goes back to its last job's backend, so only the default's name is
-    # checked (runs that never had a job use it).
+    # A backend name that does not exist, and [image], are refused here; requeue itself
+    # checks each backend's resources and walltime as dispatch would, before it moves a run.
     check_dispatch_config(settings, backend if backend is not None else settings.backend,
-                          name_only=backend is None)
+                          name_only=True)
     result = requeue(_registry(), settings,
                      _filter(runs, experiment, games, attn, seed_list), states=states,
                      walltime_only=walltime, backend=backend, dry_run=dry_run)
