@@ -94,6 +94,9 @@ class Answer:
 
 
 NO_ANSWER = Answer(NOT_ASKED)
+#: jobs.scheduler_state of an attempt satrl settled while its scheduler still listed it as
+#: active, or did not list it (it is not asked about again).
+ENDED_JOB_STATE = "ended"
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,11 @@ def _job_changes(item: _Round, stamp: datetime, problems: list[str]) -> dict[str
         # the column cannot hold would fail the whole round's transaction.
         status = files.exit_code if files.exit_code is not None else item.answer.view.exit_status
         values["exit_status"] = status if is_exit_code(status) else None
+        # The run is settled and never polled again: a job still listed as pending or running
+        # (its exit.json came first) or never listed would keep that word for good.
+        state = item.answer.view.state
+        if state is None or state.is_active():
+            values["scheduler_state"] = ENDED_JOB_STATE
     return values
 
 

@@ -113,6 +113,31 @@ def test_pbs_dispatch_and_status_against_captured_openpbs_output(
     assert show(capsys, refs[1])["attempts"] == 2
 
 
+def test_a_job_settled_by_its_exit_json_while_pbs_lists_it_running_is_not_left_running(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against captured OpenPBS output: the run is never polled again once settled, so the
+    job's scheduler_state must not stay 'R' (show listed a succeeded run's job as running)."""
+    _files()
+    folder = tmp_path / "pbs"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    configure(workspace, '[pbs]\npoll_interval_s = 3600\n', dispatch='backend = "pbs"')
+    assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA,SWA", "--seed-list",
+               "0", *TINY)[0] == 0
+    assert cli(capsys, "dispatch", "--walltime-min", "30")[0] == 0
+    (folder / "reply.json").write_text((REFERENCE / "array_qstat_t_running.json").read_text())
+    run_dir = Path(show(capsys, "Breakout/NA/0")["run_dir"])  # subjob 0: listed R
+    (run_dir / "exit.json").write_text(json.dumps({
+        "schema": 1, "exit_code": 0, "reason": "done", "message": "trained 256 of 256 steps",
+        "timesteps": 256, "attempt": 1, "ended_at": time.time()}))
+    result = cli_json(capsys, "sync", "--force")
+    assert [(t["key"], t["to_state"]) for t in result["transitions"]] == [
+        ("Breakout/NA/0", "succeeded")]
+    assert show(capsys, "Breakout/NA/0")["jobs"][0]["state"] == "ended"
+    assert show(capsys, "Pong/NA/0")["jobs"][0]["state"] == "Q"  # still polled, as PBS says
+
+
 def _queued_untouched(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
     """Nothing was claimed, written or submitted."""
     assert set(states(capsys).values()) == {"queued"}
