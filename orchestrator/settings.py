@@ -65,9 +65,49 @@ def _read_config(workspace: Path) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not valid TOML: {error}") from None
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"{path}: not valid TOML: {error}") from None
+    check_names(raw, path)
+    return raw
+
+
+#: Every setting satrl reads, by table (None: a top-level value, not a table). A name not here
+#: is a typo whose setting would silently not apply (a walltime, auto_requeue, the queue).
+_RESOURCE_KEYS = frozenset({"cpus", "gpus", "mem_gb", "walltime_min", "queue", "partition",
+                            "account"})
+_SCHEDULER_KEYS = _RESOURCE_KEYS | {"poll_interval_s", "max_running"}
+KNOWN_SETTINGS: dict[str, frozenset[str] | None] = {
+    "experiment": None,
+    "registry": frozenset({"url"}),
+    "paths": frozenset({"store", "scratch"}),
+    "dispatch": frozenset({"backend", "python", "wait_interval_s", "auto_requeue",
+                           "max_attempts", "max_array", "lost_grace_s"}),
+    "resources": _RESOURCE_KEYS,
+    "pbs": _SCHEDULER_KEYS | {"gpu_resource"},
+    "slurm": _SCHEDULER_KEYS | {"gres"},
+    "local": _SCHEDULER_KEYS | {"max_parallel", "kill_wait_s"},
+    "image": frozenset({"path", "flavor", "python", "dir", "digest", "binds"}),
+    "fetch": frozenset({"host", "port", "ssh_options", "identity_file", "scratch"}),
+}
+
+
+def check_names(raw: dict[str, Any], path: Path) -> None:
+    """UsageError, with the nearest valid name, for a table or key satrl does not read."""
+    from agents.catalog import nearest
+
+    for name, value in raw.items():
+        if name not in KNOWN_SETTINGS:
+            raise UsageError(f"{path}: unknown setting {name!r}"
+                             f"{nearest(name, KNOWN_SETTINGS)}; satrl reads "
+                             f"{', '.join(KNOWN_SETTINGS)}")
+        keys = KNOWN_SETTINGS[name]
+        if keys is None or not isinstance(value, dict):
+            continue  # a wrong type is refused where the value is read, with its expectation
+        for key in value:
+            if key not in keys:
+                raise UsageError(f"{path}: [{name}] has no setting {key!r}"
+                                 f"{nearest(key, keys)}; it takes {', '.join(sorted(keys))}")
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

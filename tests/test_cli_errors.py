@@ -27,6 +27,14 @@ def _satrl(workspace: Path, *args: str, env: dict[str, str] | None = None
         ('paths = ["a"]\n', "[paths] must be a table"),
         ("experiment = 3\n", "experiment must be a string"),
         ("[registry\n", "not valid TOML"),
+        # A typo'd name would silently drop its setting (a walltime, auto-requeue, a queue).
+        ("[resources]\nwalltim_min = 30\n",
+         "[resources] has no setting 'walltim_min' (did you mean walltime_min?)"),
+        ("[dispatchh]\nauto_requeue = true\n",
+         "unknown setting 'dispatchh' (did you mean dispatch?)"),
+        ("[dispatch]\nwalltime_min = 30\n", "[dispatch] has no setting 'walltime_min'"),
+        ("[pbs]\ngres = 'gpu'\n", "[pbs] has no setting 'gres'"),
+        ("experment = 'x'\n", "unknown setting 'experment' (did you mean experiment?)"),
     ],
 )
 def test_broken_satrl_toml_is_one_line(tmp_path: Path, toml: str, message: str) -> None:
