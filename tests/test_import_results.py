@@ -119,6 +119,21 @@ def test_pinned_cells_of_the_published_table(imported: Registry,
     assert wins == {"NA": 23, "SWA": 5, "CWRA": 8, "CWCA": 14, "CWRCA": 6}
 
 
+def test_an_imported_experiment_has_nothing_to_fetch(
+        imported: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not 1,400 lines of 'run directory does not exist': there is none, by design."""
+    capsys.readouterr()
+    assert run(["fetch", "--all", "-e", "paper"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == ("no runs match (runs never dispatched, and imported "
+                                    "experiments' runs, have nothing to fetch)")
+    assert captured.err == ""
+    assert run(["fetch", "Pong", "CWCA", "42", "-e", "paper"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "satrl: Pong/CWCA/42 of experiment 'paper' was imported: its results are in the "
+        "registry already, and it has no run directory to fetch")
+
+
 def test_second_import_adds_nothing_and_another_file_is_refused(
         workspace: Path, tmp_path: Path, database_url: str,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -87,11 +87,16 @@ def fetch(
             run_filter = make_filter(experiment, games, attn, seed_list, state)
         targets = select_targets(session, settings_, run_filter, finished_only=finished_only,
                                  dispatched_only=not single)
+    if not targets and single:
+        raise UsageError(f"{game}/{attn_name}/{seed} of experiment "
+                         f"{current_experiment(experiment)!r} was imported: its results are in "
+                         "the registry already, and it has no run directory to fetch")
     if not targets:
         if json_:
             print_json({"runs": [], "ok": True})
         else:
-            console.print("no runs match (queued runs that were never dispatched are skipped)")
+            console.print("no runs match (runs never dispatched, and imported experiments' "
+                          "runs, have nothing to fetch)")
         return
     with open_source(settings_) as source:
         results = _fetch(registry, source, targets, request, quiet=json_)

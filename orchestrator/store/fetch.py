@@ -95,6 +95,8 @@ def select_targets(session: Session, settings_: Settings, run_filter: RunFilter,
     """The runs to fetch, with their source run directory and store folder."""
     statement = run_filter.apply(
         select(Run, Experiment.name).join(Experiment, Run.experiment_id == Experiment.id)
+        # An imported study's results came from a file into the registry: no run directory.
+        .where(Experiment.imported.is_not(True))
     ).order_by(Experiment.name, Run.game, Run.attn, Run.seed)
     scratch = source_scratch(settings_)
     targets = []
