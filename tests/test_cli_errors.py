@@ -277,4 +277,8 @@ def test_an_experiment_the_registry_does_not_hold_is_one_line(
     line = _one_line(capsys.readouterr().err)
     assert "no experiment 'mian'" in line and "did you mean main" in line
     assert _states(capsys) == before
+    # An empty name is refused too, never read as "no option" (the workspace's experiment).
+    assert run([*command, "--experiment", ""]) == 2
+    assert "experiment name '' is not valid" in _one_line(capsys.readouterr().err)
+    assert _states(capsys) == before
     assert run([*command, "--experiment", "main"]) in (0, 1)  # the real name still works

@@ -154,7 +154,7 @@ def current_experiment(experiment: str | None) -> str:
     from orchestrator.paths import check_experiment_name
     from orchestrator.settings import settings
 
-    return check_experiment_name(experiment or settings().experiment)
+    return check_experiment_name(settings().experiment if experiment is None else experiment)
 
 
 def make_filter(
