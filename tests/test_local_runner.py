@@ -44,6 +44,37 @@ def test_a_member_past_its_walltime_is_terminated_then_killed(tmp_path: Path, jo
     assert status.exit_status == exit_code
 
 
+def test_a_cancelled_member_that_ignores_sigterm_is_killed_kill_wait_s_later(
+        tmp_path: Path) -> None:
+    """satrl cancel of a hung worker said 'cancelled' while it kept its slot for good."""
+    folder = tmp_path / "batches" / "satrl-dddddddddd"
+    folder.mkdir(parents=True)
+    (folder / "job.sh").write_text("#!/bin/bash\ntrap '' TERM\nsleep 60 & wait $!\nsleep 60\n")
+    (folder / "batch.json").write_text(json.dumps({
+        "token": folder.name, "count": 1, "max_parallel": 1, "walltime_s": 0,
+        "kill_wait_s": 1.0}))
+    start = time.monotonic()
+    runner = subprocess.Popen([sys.executable, "-m", "orchestrator.schedulers.local_runner",
+                               str(folder)])
+    try:
+        scheduler = LocalScheduler({}, tmp_path / "batches")
+        job_id = f"{folder.name}[0]"
+        deadline = time.monotonic() + 20
+        while not (member_path(folder, 0).exists() and "pid" in json.loads(
+                member_path(folder, 0).read_text())):
+            assert time.monotonic() < deadline, "the member never started"
+            time.sleep(0.1)
+        scheduler.cancel([job_id])
+        assert runner.wait(timeout=30) == 0
+    finally:
+        runner.kill()
+    assert time.monotonic() - start < 20  # not the job's 60 s
+    record = json.loads(member_path(folder, 0).read_text())
+    assert record["cancelled"] is True and record["exit_code"] == 128 + 9
+    status = scheduler.status(job_id)
+    assert status is not None and status.state == JobState.CANCELLED
+
+
 def test_a_member_within_its_walltime_ends_as_it_does(tmp_path: Path) -> None:
     folder = tmp_path / "batches" / "satrl-ffffffffff"
     _run_batch(folder, "exit 3", walltime_s=30.0, kill_wait_s=1.0)

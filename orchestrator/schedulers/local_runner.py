@@ -3,7 +3,8 @@
 One detached runner per batch (the local analogue of a job array) runs the batch's job script once
 per member, `SATRL_ARRAY_INDEX` set, at most `max_parallel` at once. Each member's record,
 `members/<index>.json`, holds its pid and process start time while it runs and its exit code
-after; a marker `cancel/<index>` (written by `satrl cancel`) keeps a member from starting. The
+after; a marker `cancel/<index>` (written by `satrl cancel`, which also sends SIGTERM) keeps a
+member from starting, and a running one that outlives it by `kill_wait_s` gets SIGKILL. The
 runner's own pid and start time are in `runner.json`. Each worker leads its own process group, as
 a batch job does, so a cancel signals the worker and its environment processes together.
 
@@ -62,6 +63,7 @@ def run_batch(folder: Path) -> int:
     running: dict[int, subprocess.Popen[bytes]] = {}
     started_at: dict[int, float] = {}
     terminated_at: dict[int, float] = {}  # members sent SIGTERM at their walltime
+    cancelled_at: dict[int, float] = {}  # members whose cancel marker the runner has seen
     while pending or running:
         while pending and len(running) < max_parallel:
             index = pending.pop(0)
@@ -76,6 +78,12 @@ def run_batch(folder: Path) -> int:
             code = process.poll()
             if code is None:
                 now = time.time()
+                if cancel_path(folder, index).exists():
+                    # `satrl cancel` sent SIGTERM; a worker that ignores it (hung, stopped) is
+                    # killed kill_wait_s later, as Slurm and PBS do, and frees its slot.
+                    if now - cancelled_at.setdefault(index, now) >= kill_wait_s:
+                        _signal_group(process.pid, signal.SIGKILL)
+                    continue
                 if walltime_s <= 0 or now - started_at[index] < walltime_s:
                     continue
                 if index not in terminated_at:
