@@ -73,6 +73,21 @@ def test_csv_out_writes_one_file_per_table(two_studies, tmp_path: Path) -> None:
                      "sample_efficiency.csv", "table.csv", "wins_by_axis.csv"]
     axis_rows = list(csv.DictReader((out / "wins_by_axis.csv").open()))
     assert {r["axis"]: (r["NA"], r["CWCA"]) for r in axis_rows}["vertical"] == ("0", "1")
+    # Numbers a program reads: one column per part, full precision, no display text.
+    aggregates = list(csv.DictReader((out / "aggregates.csv").open()))
+    assert [r["type"] for r in aggregates] == ["NA", "CWCA"]
+    for row in aggregates:
+        low, point, high = (float(row[f"IQM{s}"]) for s in ("_low", "", "_high"))
+        assert low <= point <= high
+    efficiency = list(csv.DictReader((out / "sample_efficiency.csv").open()))
+    steps = [int(r["steps"]) for r in efficiency]  # 1024, not "1,024"
+    assert steps == sorted(steps) and steps[0] == 256 and steps[-1] == 1024
+    compared = {(r["game"], r["type"]): r for r in csv.DictReader((out / "compare.csv").open())}
+    pong_na = compared[("Pong", "NA")]
+    assert float(pong_na["this"]) == -18.5 and float(pong_na["old"]) == -19.5
+    assert float(pong_na["this_se"]) == pytest.approx(0.5 / math.sqrt(2))  # seeds x, x + 1
+    assert float(pong_na["difference"]) == 1.0 and pong_na["differs (p < 0.05)"] == "no"
+    assert float(pong_na["p (Welch)"]) == pytest.approx(1 - math.sqrt(2) / 2)
 
 
 def test_compare_by_hand(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agents.catalog import AXES, GAMES
 from agents.rundir import write_bytes
@@ -29,11 +30,16 @@ EXTENSIONS = {"table": "txt", "md": "md", "csv": "csv", "latex": "tex", "html": 
 
 @dataclass(frozen=True)
 class Value:
-    """One rendered cell: its text and whether it is emphasised (a winner, a gap)."""
+    """One rendered cell: its text and whether it is emphasised (a winner, a gap).
+
+    `raw` is the cell for a program (CSV): its numbers at full precision by column suffix,
+    "" for the value itself (`{"": mean, "_se": std_error}`); None where the text is the value.
+    """
 
     text: str
     bold: bool = False
     warn: bool = False
+    raw: dict[str, Any] | None = None
 
 
 @dataclass
@@ -54,13 +60,14 @@ def _mean_se(mean: float, std_error: float | None) -> str:
 
 
 def _cell(cell: Cell, winner: bool) -> Value:
+    raw = {"": cell.mean, "_se": cell.std_error, "_seeds": cell.n_seeds}
     if cell.mean is None:
-        return Value(f"missing (0/{cell.expected_seeds} seeds)", warn=True)
+        return Value(f"missing (0/{cell.expected_seeds} seeds)", warn=True, raw=raw)
     text = _mean_se(cell.mean, cell.std_error)
     if not cell.complete:
         return Value(f"{text} ({cell.n_seeds}/{cell.expected_seeds} seeds)", bold=winner,
-                     warn=True)
-    return Value(text, bold=winner)
+                     warn=True, raw=raw)
+    return Value(text, bold=winner, raw=raw)
 
 
 def _grid_text(grid: Sequence[int]) -> str:
@@ -71,8 +78,9 @@ def _grid_text(grid: Sequence[int]) -> str:
     return f" (at {grid[0]:,}, {grid[1]:,}, ..., {grid[-1]:,} steps)"
 
 
-def _ci(point: float, low: float, high: float) -> str:
-    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+def _ci(point: float, low: float, high: float) -> Value:
+    return Value(f"{point:.3f} [{low:.3f}, {high:.3f}]",
+                 raw={"": float(point), "_low": float(low), "_high": float(high)})
 
 
 def sections(report: Report) -> list[Section]:
@@ -155,21 +163,21 @@ def sections(report: Report) -> list[Section]:
         aggregates = Section("Aggregates (human-normalised)", ["type", *METRICS], notes=[basis])
         for attn in agg.attns:
             aggregates.rows.append([Value(attn)] + [
-                Value(_ci(agg.point[attn][k], agg.ci[attn][0][k], agg.ci[attn][1][k]))
+                _ci(agg.point[attn][k], agg.ci[attn][0][k], agg.ci[attn][1][k])
                 for k in range(len(METRICS))])
         out.append(aggregates)
         if agg.poi:
             poi = Section("Probability of improvement over the rest", ["type", "P(X > rest)"],
                           notes=["The rest: the other types' runs pooled."])
             for attn, value in agg.poi.items():
-                poi.rows.append([Value(attn), Value(_ci(value, *agg.poi_ci[attn]))])
+                poi.rows.append([Value(attn), _ci(value, *agg.poi_ci[attn])])
             out.append(poi)
         efficiency = Section("Sample efficiency (IQM)", ["evaluation", "steps", *agg.attns])
         for k, (point, step) in enumerate(zip(agg.eval_points, agg.eval_timesteps,
                                               strict=True)):
-            efficiency.rows.append([Value(str(point)), Value(f"{step:,}")] + [
-                Value(_ci(agg.efficiency[a][k], agg.efficiency_ci[a][0][k],
-                          agg.efficiency_ci[a][1][k])) for a in agg.attns])
+            efficiency.rows.append([Value(str(point)), Value(f"{step:,}", raw={"": int(step)})]
+                                   + [_ci(agg.efficiency[a][k], agg.efficiency_ci[a][0][k],
+                                          agg.efficiency_ci[a][1][k]) for a in agg.attns])
         out.append(efficiency)
 
     comparison = report.comparison
@@ -198,11 +206,15 @@ def sections(report: Report) -> list[Section]:
                 section.notes.append(f"{len(cells)} cells {why} and are not compared.")
         for r in comparison.rows:
             section.rows.append([
-                Value(r.game), Value(r.attn), Value(_mean_se(r.mean, r.std_error)),
-                Value(_mean_se(r.other_mean, r.other_std_error)),
-                Value(f"{r.difference:+.2f}"),
-                Value("n/a" if r.p_value is None else f"{r.p_value:.3g}"),
-                Value("yes" if r.differs else "", bold=r.differs)])
+                Value(r.game), Value(r.attn),
+                Value(_mean_se(r.mean, r.std_error), raw={"": r.mean, "_se": r.std_error}),
+                Value(_mean_se(r.other_mean, r.other_std_error),
+                      raw={"": r.other_mean, "_se": r.other_std_error}),
+                Value(f"{r.difference:+.2f}", raw={"": r.difference}),
+                Value("n/a" if r.p_value is None else f"{r.p_value:.3g}",
+                      raw={"": r.p_value}),
+                Value("yes" if r.differs else "", bold=r.differs,
+                      raw={"": "yes" if r.differs else "no"})])
         out.append(section)
     return out
 
@@ -250,11 +262,29 @@ def to_csv(report: Report) -> str:
 
 
 def section_csv(section: Section) -> str:
+    """The section for pandas or a spreadsheet: a column's cells with `raw` numbers become one
+    column per part (`NA`, `NA_se`, `NA_seeds`; `IQM`, `IQM_low`, `IQM_high`) at full precision,
+    empty where a part is unknown (a single seed's standard error)."""
+    parts: list[list[str]] = []
+    for column in range(len(section.headers)):
+        seen: dict[str, None] = {}
+        for row in section.rows:
+            if column < len(row) and row[column].raw is not None:
+                seen.update(dict.fromkeys(row[column].raw))
+        parts.append(list(seen) or [""])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(section.headers)
+    writer.writerow([header + suffix for header, suffixes in zip(section.headers, parts,
+                                                                 strict=True)
+                     for suffix in suffixes])
     for row in section.rows:
-        writer.writerow([v.text for v in row])
+        cells: list[Any] = []
+        for value, suffixes in zip(row, parts, strict=False):
+            if value.raw is None:
+                cells += [value.text] + [""] * (len(suffixes) - 1)
+            else:
+                cells += ["" if value.raw.get(s) is None else value.raw[s] for s in suffixes]
+        writer.writerow(cells)
     return buffer.getvalue()
 
 
