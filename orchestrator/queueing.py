@@ -8,7 +8,7 @@ is refused, naming both hashes, and the transaction rolls back: nothing is writt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, tuple_
@@ -38,15 +38,22 @@ class QueueResult:
     added: int
     existing: int
     dry_run: bool
+    #: Execution fields (not hashed) the already-recorded runs hold with other values than
+    #: this request's, with the recorded values: those runs keep them (`--set engine=fast`
+    #: on a queued study does not switch its existing runs).
+    kept: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+#: Spec fields that name a run rather than say how it is trained.
+_IDENTITY = frozenset({"game", "attn", "seed", "experiment", "run_id"})
+
+
 def resolve_spec(preset: str, overrides: dict[str, str] | None) -> RunSpec:
     """The preset with `--set` overrides applied and validated (identity fields excluded)."""
-    identity = {"game", "attn", "seed", "experiment", "run_id"}
-    clash = identity & set(overrides or {})
+    clash = _IDENTITY & set(overrides or {})
     if clash:
         from orchestrator.errors import UsageError
 
@@ -75,8 +82,9 @@ def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = Fal
                 _check_experiment(recorded, request.preset, overrides)
             existing = _existing(session, request.experiment, specs)
             _check_same_specs(existing, specs)
+            kept = _kept_settings(session, request.experiment, specs, set(existing))
         return QueueResult(request.experiment, len(specs), len(specs) - len(existing),
-                           len(existing), True)
+                           len(existing), True, kept)
     with registry.write() as session:
         experiment = _experiment(session, registry, request.experiment, request.preset, overrides)
         rows = [
@@ -89,6 +97,10 @@ def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = Fal
             session, Run, rows, ["experiment_id", "game", "attn", "seed"], Run.id)
         existing = _existing(session, request.experiment, specs)
         _check_same_specs(existing, specs)
+        added_keys = {(g, a, sd) for g, a, sd in session.execute(
+            select(Run.game, Run.attn, Run.seed).where(Run.id.in_(added_ids)))} \
+            if added_ids else set()
+        kept = _kept_settings(session, request.experiment, specs, set(existing) - added_keys)
         if added_ids:
             session.execute(
                 Event.__table__.insert(),
@@ -96,7 +108,33 @@ def queue_runs(registry: Registry, request: QueueRequest, *, dry_run: bool = Fal
                   "why": "queued"} for rid in added_ids],
             )
     return QueueResult(request.experiment, len(specs), len(added_ids),
-                       len(specs) - len(added_ids), False)
+                       len(specs) - len(added_ids), False, kept)
+
+
+def _kept_settings(session: Session, experiment: str, specs: list[RunSpec],
+                   recorded: set[tuple]) -> dict[str, list[Any]]:
+    """field -> the other values the `recorded` runs of `specs` hold for it (same science,
+    so only execution fields can differ)."""
+    if not recorded:
+        return {}
+    wanted = {(s.game, s.attn, s.seed): s.to_dict() for s in specs}
+    kept: dict[str, list[Any]] = {}
+    rows = session.execute(
+        select(Run.game, Run.attn, Run.seed, Run.spec)
+        .join(Experiment, Run.experiment_id == Experiment.id)
+        .where(Experiment.name == experiment, Run.game.in_(sorted({k[0] for k in recorded})))
+        .order_by(Run.id))
+    for game, attn, seed, stored in rows:
+        requested = wanted.get((game, attn, seed))
+        if requested is None or (game, attn, seed) not in recorded:
+            continue
+        for key, value in requested.items():
+            if key in _IDENTITY:
+                continue
+            old = (stored or {}).get(key)
+            if old != value and old not in kept.setdefault(key, []):
+                kept[key].append(old)
+    return {key: values for key, values in kept.items() if values}
 
 
 def _experiment(session: Session, registry: Registry, name: str, preset: str,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from orchestrator import catalog
 from orchestrator.cli import run
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Event, Experiment, Run
@@ -107,6 +108,18 @@ def test_the_same_science_in_other_words_joins_an_existing_experiment(
                             "--preset", "smoke", "--set", "checkpoint_every_steps=2048")
     assert (same["added"], execution["added"]) == (1, 1)
     assert _count(database_url) == 3
+    assert same["kept"] == execution["kept"] == {}  # nothing recorded was asked for again
+    # Runs already recorded keep their execution settings, and the command says so.
+    again = _queue_json(capsys, "--games", "Pong,Qbert", "--attn", "NA", "--seeds", "1",
+                        "--preset", "smoke", "--set", "checkpoint_every_steps=4096")
+    smoke = catalog.preset("smoke").checkpoint_every_steps
+    assert again["added"] == 0 and again["kept"] == {"checkpoint_every_steps": [smoke, 2048]}
+    capsys.readouterr()
+    assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1", "--preset", "smoke",
+                "--set", "checkpoint_every_steps=4096"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"note: the runs already recorded keep their own checkpoint_every_steps {smoke}; only "
+        "runs added now take this command's settings")
 
 
 @pytest.mark.parametrize(

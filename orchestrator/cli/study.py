@@ -22,6 +22,7 @@ from orchestrator.cli.app import (
     app,
     console,
     current_experiment,
+    err_console,
     make_filter,
     print_json,
 )
@@ -89,14 +90,21 @@ def queue(
     verb = "would queue" if dry_run else "queued"
     if result.added == 0:
         console.print(f"nothing to add: all {result.requested} runs ({shape}) are already "
-                      f"queued in experiment [bold]{result.experiment}[/bold]")
+                      f"recorded in experiment [bold]{escape(result.experiment)}[/bold]")
     else:
         plural = "run" if result.added == 1 else "runs"
         settings_ = f"preset {request.preset}" + (
             f", {len(request.overrides)} override(s)" if request.overrides else "")
         console.print(f"{verb} [bold]{result.added}[/bold] {plural} in experiment "
-                      f"[bold]{result.experiment}[/bold] ({shape}; {settings_})"
-                      + (f"; {result.existing} already queued" if result.existing else ""))
+                      f"[bold]{escape(result.experiment)}[/bold] ({shape}; {settings_})"
+                      + (f"; {result.existing} already recorded" if result.existing else ""))
+    if result.kept:
+        # The same science, other execution settings: the recorded runs are not changed.
+        kept = ", ".join(f"{key} {' / '.join(map(str, old))}"
+                         for key, old in sorted(result.kept.items()))
+        err_console.print(f"note: the runs already recorded keep their own {kept}; only "
+                          "runs added now take this command's settings", markup=False,
+                          highlight=False, soft_wrap=True)
 
 
 @app.command()
