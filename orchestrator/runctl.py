@@ -64,6 +64,17 @@ def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
             if run.state in explicit or (walltime_only and hit_walltime):
                 candidates.append((run.id, run.key, job.backend if job else None,
                                    job.job_id if job else None))
+        # A run named on the command line that is not requeued says why, not "0 run(s)".
+        chosen = {c[0] for c in candidates}
+        for run in _named_runs(session, run_filter):
+            if run.id in chosen:
+                continue
+            if run.state == RunState.FAILED.value and walltime_only:
+                result.skipped[run.key] = "failed, but its last attempt did not hit its walltime"
+            else:
+                kinds = [*sorted(explicit), *(["walltime-killed"] if walltime_only else [])]
+                listed = ", ".join(kinds[:-1]) + (" or " if len(kinds) > 1 else "") + kinds[-1]
+                result.skipped[run.key] = f"it is {run.state}; requeue takes {listed} runs"
     still_running = _still_in_scheduler(settings, candidates)
     ready = []
     for run_id, key, job_backend, job_id in candidates:
@@ -135,6 +146,13 @@ def _dispatch_group(registry: Registry, settings: Any, group: DispatchGroup,
     return dispatch(registry, settings, request).run_ids
 
 
+def _named_runs(session: Any, run_filter: RunFilter) -> list[Run]:
+    """The runs the command line named (RUN arguments), in the filter's experiment."""
+    if not run_filter.run_ids:
+        return []
+    return list(session.scalars(select(Run).where(Run.id.in_(run_filter.run_ids))))
+
+
 def _still_in_scheduler(settings: Any, candidates: list[tuple[int, str, str | None, str | None]]
                         ) -> dict[str, str]:
     """job id -> what it still is, for the candidates' jobs their scheduler still has pending
@@ -196,6 +214,8 @@ def requeue_and_dispatch(registry: Registry, settings: Any, run_ids: list[int], 
 @dataclass
 class CancelResult:
     cancelled: list[tuple[int, str]] = field(default_factory=list)
+    #: Runs named on the command line that were not open: key -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
     #: (run id, key, state) of the runs whose worker had already written its final exit.json:
     #: settled as reconciliation would (succeeded, failed), not cancelled.
     settled: list[tuple[int, str, str]] = field(default_factory=list)
@@ -207,6 +227,7 @@ class CancelResult:
         return {"cancelled": [{"id": rid, "run": key} for rid, key in self.cancelled],
                 "settled": [{"id": rid, "run": key, "state": state}
                             for rid, key, state in self.settled],
+                "skipped": self.skipped,
                 "jobs": self.jobs, "dry_run": self.dry_run}
 
 
@@ -240,6 +261,9 @@ def cancel(registry: Registry, settings: Any, run_filter: RunFilter, *,
         with registry.session() as session:
             runs = [(run.id, run.key, run.state) for run in session.scalars(
                 select_runs(run_filter).where(Run.state.in_(open_states)))]
+            result.skipped = {run.key: f"it is already {run.state}"
+                              for run in _named_runs(session, run_filter)
+                              if run.state not in open_states}
         result.cancelled = [(rid, key) for rid, key, _ in runs]
         active = [rid for rid, _, state in runs if state != RunState.QUEUED.value]
         _settle_exited(registry, result, active)

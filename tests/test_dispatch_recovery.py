@@ -257,6 +257,33 @@ def test_requeue_moves_only_failed_lost_or_cancelled_runs_never_a_resubmitted_on
     registry.dispose()
 
 
+def test_named_runs_that_requeue_or_cancel_leave_alone_say_why(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a bare 'requeued 0 run(s)' for a run the user named."""
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    with registry.write() as session:
+        for rid, state in zip(run_ids, ["succeeded", "failed", "failed", "queued"], strict=True):
+            session.execute(update(Run).where(Run.id == rid).values(state=state))
+    before = _states(registry)
+    code, out, err = cli(capsys, "requeue", str(run_ids[0]), str(run_ids[3]), "--dry-run")
+    keys = {rid: key for rid, key in zip(run_ids, ["Breakout/NA/0", "Breakout/SWA/0",
+                                                     "Pong/NA/0", "Pong/SWA/0"], strict=True)}
+    assert code == 0 and "would requeue 0 run(s)" in out
+    assert err.splitlines() == [
+        f"skipped {keys[run_ids[0]]}: it is succeeded; requeue takes cancelled, failed or lost "
+        "runs",
+        f"skipped {keys[run_ids[3]]}: it is queued; requeue takes cancelled, failed or lost runs"]
+    code, out, err = cli(capsys, "requeue", str(run_ids[1]), "--walltime", "--dry-run")
+    assert err.strip() == (f"skipped {keys[run_ids[1]]}: failed, but its last attempt did not "
+                           "hit its walltime")
+    code, out, err = cli(capsys, "cancel", str(run_ids[0]), str(run_ids[3]), "--dry-run")
+    assert code == 0 and "would cancel 1 run(s)" in out
+    assert err.strip() == f"skipped {keys[run_ids[0]]}: it is already succeeded"
+    assert _states(registry) == before
+    registry.dispose()
+
+
 def test_dispatch_lock_is_shared_by_every_workspace_of_a_postgresql_registry(
         registry: Registry, tmp_path: Path) -> None:
     from types import SimpleNamespace

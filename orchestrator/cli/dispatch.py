@@ -250,7 +250,7 @@ def requeue_command(
         return
     for key, why in result.skipped.items():
         err_console.print(f"[yellow]skipped[/yellow] {escape(key)}: {escape(why)}",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
     verb = "would requeue" if dry_run else "requeued"
     console.print(f"{verb} {len(result.requeued)} run(s)"
                   + (f"; dispatched {len(result.dispatched)}" if result.dispatched else ""))
@@ -300,6 +300,9 @@ def cancel_command(
     if json_:
         print_json(result.to_json())
         return
+    for key, why in result.skipped.items():
+        err_console.print(f"[yellow]skipped[/yellow] {escape(key)}: {escape(why)}",
+                          highlight=False, soft_wrap=True)
     verb = "would cancel" if dry_run else "cancelled"
     jobs = sum(len(v) for v in result.jobs.values())
     console.print(f"{verb} {len(result.cancelled)} run(s)"
