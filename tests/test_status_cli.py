@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,27 @@ def test_status_counts_grid_and_json(workspace: Path, capsys: pytest.CaptureFixt
     assert out.startswith("8 runs") and "experiment" not in out and "SWA" not in out
     assert run(["status", "--state", "runing"]) == 2
     assert "did you mean running" in capsys.readouterr().err
+
+
+def test_watch_into_a_pipe_prints_one_snapshot_per_round(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """rich's Live shows nothing on a non-terminal until it stops: a log needs snapshots."""
+    assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1"]) == 0
+    watcher = subprocess.Popen([sys.executable, "-m", "orchestrator", "status", "--watch",
+                                "--interval", "0.2", "--no-sync"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A watcher that prints nothing would block readline: killed, it ends the lines instead.
+    deadline = threading.Timer(30, watcher.kill)
+    deadline.start()
+    try:
+        lines = [watcher.stdout.readline() for _ in range(8)]  # type: ignore[union-attr]
+    finally:
+        deadline.cancel()
+        watcher.kill()
+        watcher.wait()
+    snapshots = [i for i, line in enumerate(lines) if line.startswith("1 run ")]
+    assert len(snapshots) == 2, lines  # two rounds: date, counts, grid header, Pong, blank
+    assert lines[snapshots[0] + 2].split() == ["Pong", "0/1"]
 
 
 def test_runs_and_show(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:

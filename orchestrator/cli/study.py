@@ -140,6 +140,16 @@ def status(
 
     from rich.live import Live
 
+    if not console.is_terminal:
+        # A pipe or a log file: rich's Live would show nothing until the end; one dated
+        # snapshot per round instead.
+        while True:
+            summary = _status_once(registry, run_filter, json_=False, sync=not no_sync)
+            console.print(Text(time.strftime("%Y-%m-%d %H:%M:%S")))
+            _render_status(summary)
+            console.print()
+            console.file.flush()
+            time.sleep(interval)
     with Live(console=console, auto_refresh=False) as live:
         while True:
             summary = _status_once(registry, run_filter, json_=False, sync=not no_sync)
