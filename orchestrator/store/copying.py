@@ -180,7 +180,8 @@ def plan_run(source: Source, target: RunTarget, kinds: frozenset[str],
     tasks = list(unique.values())
     plan.checkpoint_steps = frozenset(t.step for t in tasks
                                       if t.kind == "checkpoint" and t.step is not None)
-    tasks = _choose_checkpoints(tasks, checkpoints)
+    chosen = checkpoints.select(sorted(plan.checkpoint_steps))
+    tasks = [t for t in tasks if t.kind != "checkpoint" or t.step in chosen]
 
     for task in tasks:
         problem = _listing_problem(task.source, listing)
@@ -308,12 +309,6 @@ def _task(relative: str, kind: str, target: RunTarget, expected: ManifestEntry |
     return FileTask(relative, store_relpath(relative, kind, target.game, target.attn,
                                             target.seed),
                     kind, step_of(relative, kind), expected, size_bytes)
-
-
-def _choose_checkpoints(tasks: list[FileTask], choice: CheckpointChoice) -> list[FileTask]:
-    steps = [t.step for t in tasks if t.kind == "checkpoint" and t.step is not None]
-    chosen = choice.select(steps)
-    return [t for t in tasks if t.kind != "checkpoint" or t.step in chosen]
 
 
 def _listing_problem(relative: str, listing: dict[str, SourceFile]) -> str | None:
