@@ -169,13 +169,16 @@ def expand_observations(items: list[str], game: str | None) -> list[Path]:
 def _refuse_other_games(files: list[Path], game: str) -> None:
     from agents.catalog import GAMES
 
-    others = sorted({p.name.split("_")[0] for p in files
-                     if p.name.split("_")[0] in GAMES and p.name.split("_")[0] != game})
-    if others:
-        folder = files[0].parent
+    first_of: dict[str, Path] = {}  # another game's name -> its first file
+    for path in files:
+        prefix = path.name.split("_")[0]
+        if prefix in GAMES and prefix != game:
+            first_of.setdefault(prefix, path)
+    if first_of:
+        others = sorted(first_of)
         raise UsageError(f"--observations: files named for {', '.join(others)}, not {game}, "
-                         f"e.g. {next(p for p in files if p.name.startswith(others[0] + '_'))}; "
-                         f"pass only {game}'s (e.g. '{folder}/{game}_*.npy')")
+                         f"e.g. {first_of[others[0]]}; "
+                         f"pass only {game}'s (e.g. '{files[0].parent}/{game}_*.npy')")
 
 
 def run_observations(folder: Path) -> list[Path]:
