@@ -45,10 +45,12 @@ def _newest_jobs(session: Any, run_ids: list[int]) -> dict[int, Job]:
 def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
             states: tuple[str, ...] = (), walltime_only: bool = False,
             backend: str | None = None, dry_run: bool = False,
-            dispatch_now: bool = True) -> RequeueResult:
+            dispatch_now: bool = True, resources: dict[str, Any] | None = None
+            ) -> RequeueResult:
     """Move ended runs back to queued and submit them again; the worker resumes from its
     newest checkpoint. `states` picks among failed, lost and cancelled (default: all three);
-    `walltime_only` keeps the failed runs whose last attempt hit its time limit."""
+    `walltime_only` keeps the failed runs whose last attempt hit its time limit. `resources`
+    (satrl.toml's names; None = not given) change those of each run's last dispatch."""
     from orchestrator.registry.queries import select_runs
 
     explicit = set(states) if states or walltime_only else {s.value for s in REQUEUABLE}
@@ -84,21 +86,24 @@ def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
         else:
             ready.append((run_id, key, job_backend))
     result.requeued = [(rid, key) for rid, key, _ in ready]
-    if dry_run or not ready:
+    if not ready:
         return result
     by_backend: dict[str, list[int]] = {}
     for rid, _, job_backend in ready:
         by_backend.setdefault(backend or job_backend or settings.backend, []).append(rid)
     groups = [group for name, run_ids in by_backend.items()
-              for group in dispatch_groups(registry, settings, run_ids, name)]
+              for group in dispatch_groups(registry, settings, run_ids, name, resources)]
     if dispatch_now:
         from orchestrator.dispatching import check_dispatchable
 
         # The move to queued is committed before the dispatch: what dispatch would refuse
-        # (resources, walltime, satrl.toml's numbers) must be refused while nothing changed.
+        # (resources, walltime, satrl.toml's numbers) must be refused while nothing changed,
+        # and a dry run refuses it too.
         for group in groups:
             check_dispatchable(registry, settings, group.backend, group.run_ids,
                                group.resources)
+    if dry_run:
+        return result
     moved = move_to_queued(registry, [rid for rid, _, _ in ready], "requeued by the user")
     result.requeued = [(rid, key) for rid, key, _ in ready if rid in moved]
     if dispatch_now:
@@ -116,11 +121,11 @@ class DispatchGroup:
     run_ids: list[int]
 
 
-def dispatch_groups(registry: Registry, settings: Any, run_ids: list[int], backend: str
-                    ) -> list[DispatchGroup]:
+def dispatch_groups(registry: Registry, settings: Any, run_ids: list[int], backend: str,
+                    overrides: dict[str, Any] | None = None) -> list[DispatchGroup]:
     """`run_ids` grouped by the command-line resources of their newest job's batch (when that
     job ran on `backend`): a run dispatched with --gpus 1 --walltime-min 600 is resubmitted so,
-    not with satrl.toml's defaults."""
+    not with satrl.toml's defaults. `overrides` (None = not given) replace those named."""
     from orchestrator.dispatching import requested_resources
 
     with registry.session() as session:
@@ -128,7 +133,8 @@ def dispatch_groups(registry: Registry, settings: Any, run_ids: list[int], backe
                       if job.backend == backend}
     groups: dict[str, DispatchGroup] = {}
     for run_id in run_ids:
-        resources = requested_resources(settings, last_batch.get(run_id))
+        resources = {**requested_resources(settings, last_batch.get(run_id)),
+                     **{k: v for k, v in (overrides or {}).items() if v is not None}}
         key = json.dumps(resources, sort_keys=True)
         groups.setdefault(key, DispatchGroup(backend, resources, [])).run_ids.append(run_id)
     return list(groups.values())

@@ -112,6 +112,23 @@ def test_pbs_dispatch_and_status_against_captured_openpbs_output(
     assert {t["to_state"] for t in later["transitions"]} == {"lost"}
     assert show(capsys, refs[1])["attempts"] == 2
 
+    # requeue's own resource flags change the last dispatch's: a bad one refuses, dry run
+    # included, with nothing moved; a good one goes into qsub and into the next requeue.
+    for dry in ((), ("--dry-run",)):
+        code, out, err = cli(capsys, "requeue", "--lost", "--walltime-min", "-5", *dry)
+        assert code == 2 and "the command line: walltime_min must be >= 0, not -5.0" in err
+    assert [states(capsys)[r] for r in refs[1:]] == ["lost"] * 3
+    code, out, err = cli(capsys, "requeue", "--lost", "--walltime-min", "90", "--mem-gb", "4")
+    assert code == 0 and "requeued 3 run(s); dispatched 3" in out, err
+    third = _calls(folder, "qsub")[2]
+    assert " -l select=1:ncpus=1:mem=4gb -l walltime=01:30:00 -q workq " in third, third
+    cli_json(capsys, "sync", "--force")
+    time.sleep(2.5)
+    assert len(cli_json(capsys, "sync", "--force")["transitions"]) == 3  # lost again
+    assert cli(capsys, "requeue", "--lost")[0] == 0
+    assert " -l select=1:ncpus=1:mem=4gb -l walltime=01:30:00 -q workq " in \
+        _calls(folder, "qsub")[3]
+
 
 def test_a_job_settled_by_its_exit_json_while_pbs_lists_it_running_is_not_left_running(
         workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],

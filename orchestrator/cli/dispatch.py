@@ -30,6 +30,14 @@ BackendOpt = Annotated[
     str | None, typer.Option("--backend", "-b", help="local, slurm or pbs (default: satrl.toml "
                              "[dispatch] backend, else local).")
 ]
+# The resources a dispatch asks for; requeue takes the same, over the last dispatch's.
+CpusOpt = Annotated[int | None, typer.Option("--cpus", help="Cores per run.")]
+GpusOpt = Annotated[int | None, typer.Option("--gpus", help="GPUs per run.")]
+MemGbOpt = Annotated[float | None, typer.Option("--mem-gb", help="Memory per run, GB.")]
+WalltimeMinOpt = Annotated[float | None, typer.Option("--walltime-min",
+                                                      help="Time limit per job, minutes.")]
+QueueOpt = Annotated[str | None, typer.Option("--queue", help="PBS queue / Slurm partition.")]
+AccountOpt = Annotated[str | None, typer.Option("--account", help="Account charged.")]
 RunsArg = Annotated[
     list[str] | None, typer.Argument(metavar="[RUN]...", help="Run ids or GAME/ATTN/SEED.",
                                      show_default=False)
@@ -46,6 +54,14 @@ def _settings() -> Any:
     from orchestrator.settings import settings
 
     return settings()
+
+
+def _resources(cpus: int | None, gpus: int | None, mem_gb: float | None,
+               walltime_min: float | None, queue: str | None, account: str | None
+               ) -> dict[str, Any]:
+    """The command line's resources by satrl.toml's names; None where not given."""
+    return {"cpus": cpus, "gpus": gpus, "mem_gb": mem_gb, "walltime_min": walltime_min,
+            "queue": queue, "account": account}
 
 
 def _filter(runs: list[str] | None, experiment: str | None, games: str | None, attn: str | None,
@@ -72,14 +88,12 @@ def dispatch_command(
     games: GamesOpt = None,
     attn: AttnOpt = None,
     seed_list: SeedListOpt = None,
-    cpus: Annotated[int | None, typer.Option("--cpus", help="Cores per run.")] = None,
-    gpus: Annotated[int | None, typer.Option("--gpus", help="GPUs per run.")] = None,
-    mem_gb: Annotated[float | None, typer.Option("--mem-gb", help="Memory per run, GB.")] = None,
-    walltime_min: Annotated[float | None, typer.Option(
-        "--walltime-min", help="Time limit per job, minutes.")] = None,
-    queue: Annotated[str | None, typer.Option("--queue", help="PBS queue / Slurm partition.")
-                     ] = None,
-    account: Annotated[str | None, typer.Option("--account", help="Account charged.")] = None,
+    cpus: CpusOpt = None,
+    gpus: GpusOpt = None,
+    mem_gb: MemGbOpt = None,
+    walltime_min: WalltimeMinOpt = None,
+    queue: QueueOpt = None,
+    account: AccountOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the dispatched runs end, "
                                        "reconciling as they go.")] = False,
     dry_run: DryRunOpt = False,
@@ -93,8 +107,7 @@ def dispatch_command(
         raise UsageError(f"--limit must be at most {MAX_ID}, not {limit}")
     request = DispatchRequest(
         make_filter(experiment, games, attn, seed_list), backend=backend, limit=limit,
-        resources={"cpus": cpus, "gpus": gpus, "mem_gb": mem_gb, "walltime_min": walltime_min,
-                   "queue": queue, "account": account})
+        resources=_resources(cpus, gpus, mem_gb, walltime_min, queue, account))
     registry = _registry()
     result = dispatch(registry, _settings(), request, dry_run=dry_run)
     if json_ and not wait:
@@ -226,13 +239,20 @@ def requeue_command(
     games: GamesOpt = None,
     attn: AttnOpt = None,
     seed_list: SeedListOpt = None,
+    cpus: CpusOpt = None,
+    gpus: GpusOpt = None,
+    mem_gb: MemGbOpt = None,
+    walltime_min: WalltimeMinOpt = None,
+    queue: QueueOpt = None,
+    account: AccountOpt = None,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Queue ended runs again and resubmit them; each resumes from its newest checkpoint.
 
     Without --failed/--lost/--cancelled/--walltime: every failed, lost or cancelled run matching
-    the filters."""
+    the filters. Each run goes out with the resources of its last dispatch (command line over
+    satrl.toml); --cpus, --walltime-min and the like change those given."""
     from orchestrator.runctl import requeue
 
     states = tuple(name for name, on in (("failed", failed), ("lost", lost),
@@ -244,7 +264,8 @@ def requeue_command(
                           name_only=True)
     result = requeue(_registry(), settings,
                      _filter(runs, experiment, games, attn, seed_list), states=states,
-                     walltime_only=walltime, backend=backend, dry_run=dry_run)
+                     walltime_only=walltime, backend=backend, dry_run=dry_run,
+                     resources=_resources(cpus, gpus, mem_gb, walltime_min, queue, account))
     if json_:
         print_json(result.to_json())
         return
