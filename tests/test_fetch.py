@@ -399,6 +399,32 @@ def test_bulk_fetch_takes_the_last_checkpoint_and_goes_on_past_a_missing_run(
     assert out["runs"][0]["copied"] == 0
 
 
+def test_a_repeated_bulk_fetch_announces_nothing_to_copy(
+        workspace: Path, reg: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    """exit.json has no manifest entry: it was planned as "to copy" on every fetch, though
+    the copy then proved unchanged. Its content, read while planning, decides now."""
+    for attn in ("NA", "SWA"):
+        run_spec = spec(attn=attn, seed=0)
+        run_dir = workspace / "runs" / "main" / "Pong" / attn / "0"
+        make_run_dir(run_dir, run_spec)
+        queue(reg, run_spec, run_dir)
+
+    def announced() -> str:
+        capsys.readouterr()
+        assert run(["fetch", "--all"]) == 0
+        return next(line for line in capsys.readouterr().err.splitlines()
+                    if line.startswith("to copy:"))
+
+    assert announced().startswith("to copy: 26 files")  # the last checkpoint of each
+    assert announced() == "to copy: 0 files, 0 B from 2 run(s)"
+    stored = workspace / "store" / "main/Pong/NA/0/exit.json"
+    stored.write_text(stored.read_text().replace('"done"', '"done" '))  # same size + 1
+    assert announced().startswith("to copy: 1 files, ")
+    assert json.loads(stored.read_text()) == rundir.read_json(
+        workspace / "runs" / "main" / "Pong" / "NA" / "0" / "exit.json")
+    assert announced() == "to copy: 0 files, 0 B from 2 run(s)"
+
+
 def test_a_checkpoint_step_no_run_has_is_one_line_and_fetches_nothing(
         workspace: Path, reg: Registry, capsys: pytest.CaptureFixture[str]) -> None:
     """A typo'd --checkpoints step must not fetch nothing and exit 0; a step only some runs
