@@ -90,6 +90,33 @@ def test_csv_out_writes_one_file_per_table(two_studies, tmp_path: Path) -> None:
     assert float(pong_na["p (Welch)"]) == pytest.approx(1 - math.sqrt(2) / 2)
 
 
+def test_csv_to_stdout_with_compare_carries_the_comparison(two_studies, capsys  # type: ignore[no-untyped-def]
+                                                          ) -> None:
+    """`report -f csv --compare old > table.csv`: the comparison was dropped without a word."""
+    assert run(["report", "-e", "new", "-f", "csv", "--reps", "20", "--compare", "old"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert len(rows) == len(GAMES) * len(ATTNS)
+    pong_na = next(r for r in rows if (r["game"], r["attn"]) == ("Pong", "NA"))
+    assert pong_na["compare_experiment"] == "old" and float(pong_na["mean"]) == -18.5
+    assert float(pong_na["compare_mean"]) == -19.5 and float(pong_na["difference"]) == 1.0
+    assert float(pong_na["compare_std_error"]) == pytest.approx(0.5 / math.sqrt(2))
+    assert float(pong_na["p_value"]) == pytest.approx(1 - math.sqrt(2) / 2)
+    assert pong_na["differs"] == "0"
+    # A cell the other study lacks: named, with the other columns empty.
+    make_study(two_studies, "pong_only", ["Pong"], ATTNS, SEEDS,
+               {("Pong", a, s): constant_run(-20.0 + s) for a in ATTNS for s in SEEDS})
+    assert run(["report", "-e", "new", "-f", "csv", "--reps", "20", "--compare",
+                "pong_only"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    breakout = next(r for r in rows if (r["game"], r["attn"]) == ("Breakout", "CWCA"))
+    assert breakout["compare_experiment"] == "pong_only" and breakout["mean"] != ""
+    assert [breakout[c] for c in ("compare_mean", "difference", "p_value", "differs")] == [""] * 4
+    assert run(["report", "-e", "new", "-f", "csv", "--reps", "20"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "experiment,game,axis,attn,n_seeds,expected_seeds,mean,std_error,winner," \
+        "complete"
+
+
 def test_compare_by_hand(two_studies, capsys) -> None:  # type: ignore[no-untyped-def]
     """Welch's t-test of each cell's two seeds (x, x + 1) against the other study's.
 

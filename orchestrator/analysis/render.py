@@ -245,19 +245,34 @@ def _md_value(value: Value) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """The per-game table in long form: one row per (game, type)."""
+    """The per-game table in long form: one row per (game, type). With --compare, each row
+    also carries the other study's cell and Welch's test (empty where the cell is not
+    compared), so `report -f csv --compare X > file.csv` loses nothing of the comparison."""
+    def number(value: float | None) -> str:
+        return "" if value is None else repr(value)
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    comparison = report.comparison
+    compare_columns = ["compare_experiment", "compare_mean", "compare_std_error", "difference",
+                       "p_value", "differs"] if comparison is not None else []
     writer.writerow(["experiment", "game", "axis", "attn", "n_seeds", "expected_seeds", "mean",
-                     "std_error", "winner", "complete"])
+                     "std_error", "winner", "complete", *compare_columns])
+    compared = {(row.game, row.attn): row for row in comparison.rows} if comparison else {}
     table = report.table
     for game in table.games:
         for attn in table.attns:
             cell = table.cell(game, attn)
+            extra: list[Any] = []
+            if comparison is not None:
+                row = compared.get((game, attn))
+                extra = [comparison.other] + (["", "", "", "", ""] if row is None else [
+                    number(row.other_mean), number(row.other_std_error),
+                    number(row.difference), number(row.p_value), int(row.differs)])
             writer.writerow([report.study.experiment, game, GAMES[game], attn, cell.n_seeds,
-                             cell.expected_seeds, "" if cell.mean is None else repr(cell.mean),
-                             "" if cell.std_error is None else repr(cell.std_error),
-                             int(attn in table.winners.get(game, [])), int(cell.complete)])
+                             cell.expected_seeds, number(cell.mean), number(cell.std_error),
+                             int(attn in table.winners.get(game, [])), int(cell.complete),
+                             *extra])
     return buffer.getvalue()
 
 
