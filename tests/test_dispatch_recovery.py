@@ -102,8 +102,14 @@ def test_recovery_records_ids_by_array_index_when_the_scheduler_lists_only_some_
         session.execute(update(Job).values(submitted_at=claimed_at))
     # Tasks 0 and 1 finished and Slurm forgot them; 2 and 3 are still listed.
     stand_in = StandIn({token: {2: "77_2", 3: "77_3"}})
-    monkeypatch.setattr(dispatching, "get_scheduler", lambda name, s: stand_in)
-    assert dispatching.recover_pending(registry, settings()).recovered == 2
+    from orchestrator import reconcile
+
+    for module in (dispatching, reconcile):
+        monkeypatch.setattr(module, "get_scheduler", lambda name, s: stand_in)
+    # `satrl sync` recovers them and says so (it printed "no changes").
+    code, out, err = cli(capsys, "sync", "--force")
+    assert code == 0 and "recovered 2 run(s) of an interrupted dispatch" in out, (out, err)
+    assert "no changes" not in out
     jobs = _jobs(registry)
     assert [jobs[rid][0] for rid in run_ids] == [None, None, "77_2", "77_3"]
     with registry.session() as session:

@@ -218,9 +218,12 @@ def render_reconcile(result: Any, *, quiet: bool = False) -> None:
     for t in result.transitions:
         console.print(f"{t.key}: {t.from_state} -> {t.to_state}  ({t.why})", highlight=False,
                       markup=False)
+    if result.recovered:
+        console.print(f"recovered {result.recovered} run(s) of an interrupted dispatch "
+                      "(their job ids are recorded now)")
     if result.requeued:
         console.print(f"requeued and dispatched again: {len(result.requeued)} run(s)")
-    if not result.transitions and not result.requeued:
+    if not result.transitions and not result.requeued and not result.recovered:
         asked = ", ".join(f"{b} {'asked' if a else 'not asked (rate limit)'}"
                           for b, a in result.polled.items())
         console.print(f"no changes{f' ({asked})' if asked else ''}")
