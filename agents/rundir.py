@@ -182,17 +182,70 @@ def monitor_step(frames_total: int, n_envs: int, frame_skip: int) -> int:
     return round(frames_total / frame_skip) * n_envs
 
 
+#: The key of the line a resumed attempt appends to each training monitor CSV:
+#: `#{"resumed_from_step": N}`. The attempt resets its envs at step N, so the episode each env
+#: was playing when the last attempt stopped is never finished: frames since this line count
+#: from N, not from the frames of the lines above it.
+RESUME_MARK_KEY = "resumed_from_step"
+
+
+def resume_mark(step: int) -> str:
+    return f"#{json.dumps({RESUME_MARK_KEY: step})}\n"
+
+
+class MonitorClock:
+    """The agent step at which each episode of a training monitor CSV ended, read in order:
+    `monitor_step` of the frames since the last resume mark, from the mark's step."""
+
+    def __init__(self, n_envs: int, frame_skip: int) -> None:
+        self.n_envs, self.frame_skip = n_envs, frame_skip
+        self.base_step, self.frames = 0, 0
+
+    @staticmethod
+    def mark_of(line: str) -> int | None:
+        """The step of a resume mark line; None for any other line."""
+        if not line.startswith(f'#{{"{RESUME_MARK_KEY}"'):
+            return None
+        try:
+            value = json.loads(line[1:]).get(RESUME_MARK_KEY)
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return None
+        return value
+
+    def restart(self, step: int) -> None:
+        self.base_step, self.frames = step, 0
+
+    def end_of(self, frames: int) -> int:
+        """The step at which an episode of `frames` frames, the next in the file, ended."""
+        return self.base_step + monitor_step(self.frames + frames, self.n_envs, self.frame_skip)
+
+    def advance(self, frames: int) -> None:
+        self.frames += frames
+
+
 def trim_monitor(path: Path, step: int, n_envs: int, frame_skip: int) -> int:
     """Drop a training monitor CSV's episodes that end after agent step `step` (a resume
-    point): the attempt that played them was cut, and the next one plays that stretch again.
-    Returns the episodes dropped; the file is rewritten (atomically) only when it changes."""
+    point), and resume marks beyond it: the attempt that played them was cut, and the next one
+    plays that stretch again. Returns the episodes dropped; the file is rewritten (atomically)
+    only when it changes."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
         return 0  # nothing readable to trim; the fetch reports a broken file
     lines = complete_lines(text).splitlines(keepends=True)
-    kept, frames_total, dropped = [], 0, 0
+    kept, dropped, marks_dropped = [], 0, 0
+    clock = MonitorClock(n_envs, frame_skip)
     for line in lines:
+        mark = clock.mark_of(line)
+        if mark is not None:
+            if mark > step:
+                marks_dropped += 1
+            else:
+                clock.restart(mark)
+                kept.append(line)
+            continue
         cells = line.strip().split(",")
         if line.startswith("#") or cells[:2] == ["r", "l"] or len(cells) < 2:
             kept.append(line)
@@ -202,12 +255,34 @@ def trim_monitor(path: Path, step: int, n_envs: int, frame_skip: int) -> int:
         except ValueError:
             kept.append(line)
             continue
-        if monitor_step(frames_total + frames, n_envs, frame_skip) > step:
+        if clock.end_of(frames) > step:
             dropped += 1
             continue
-        frames_total += frames
+        clock.advance(frames)
         kept.append(line)
     # A line cut by the kill goes too: the next attempt's Monitor appends to this file.
+    if dropped or marks_dropped or (text and not text.endswith("\n")):
+        write_bytes(path, "".join(kept).encode())
+    return dropped
+
+
+def keep_monitor_episodes(path: Path, count: int) -> int:
+    """Keep the first `count` episodes of a monitor CSV (the evaluation monitor: one line per
+    episode evaluations.npz holds, in order), dropping the rest and a line cut by a kill.
+    Returns the episodes dropped; the file is rewritten (atomically) only when it changes."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    kept, episodes, dropped = [], 0, 0
+    for line in complete_lines(text).splitlines(keepends=True):
+        if not line.strip() or line.startswith("#") or line.split(",")[:2] == ["r", "l"]:
+            kept.append(line)
+        elif episodes < count:
+            episodes += 1
+            kept.append(line)
+        else:
+            dropped += 1
     if dropped or (text and not text.endswith("\n")):
         write_bytes(path, "".join(kept).encode())
     return dropped

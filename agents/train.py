@@ -452,7 +452,11 @@ class Worker:
         # checkpoint's own step describes an update the checkpoint does not hold.
         kept_rows_until = step if step >= spec.total_timesteps else step - 1
         dropped = (history.drop_after(step), metrics.drop_after(kept_rows_until),
-                   self._drop_dumps_after(step), self._trim_monitors(step))
+                   self._drop_dumps_after(step), self._trim_monitors(step, resumed is not None))
+        # The evaluation monitor holds one line per episode of evaluations.npz (and those of
+        # an evaluation cut by the stop, which is redone): it keeps exactly those of the npz.
+        rundir.keep_monitor_episodes(run_dir / rundir.MONITOR_DIR / "eval.monitor.csv",
+                                     sum(len(results) for results in history.results))
         print(f"satrl worker: {run_dir} attempt {self.attempt}: "
               + (f"resuming from step {step}" if resumed is not None else "starting from step 0")
               + (f"; dropped {dropped[0]} evaluations, {dropped[1]} metrics rows, "
@@ -567,10 +571,17 @@ class Worker:
             raise WorkerError(f"checkpoint {path.name} holds num_timesteps="
                                f"{model.num_timesteps}, not the {step} of its name")
 
-    def _trim_monitors(self, step: int) -> int:
+    def _trim_monitors(self, step: int, resumed: bool) -> int:
+        """Drop training episodes after `step`; when resuming, mark where this attempt's
+        episodes start (its envs reset there: see rundir.RESUME_MARK_KEY)."""
         folder = self.run_dir / rundir.MONITOR_DIR
-        return sum(rundir.trim_monitor(path, step, self.spec.n_envs, self.spec.frame_skip)
-                   for path in sorted(folder.glob("train_*.monitor.csv")))
+        dropped = 0
+        for path in sorted(folder.glob("train_*.monitor.csv")):
+            dropped += rundir.trim_monitor(path, step, self.spec.n_envs, self.spec.frame_skip)
+            if resumed:
+                with path.open("a") as handle:  # after the Monitor's last complete line
+                    handle.write(rundir.resume_mark(step))
+        return dropped
 
     def _drop_dumps_after(self, step: int) -> int:
         folder = self.run_dir / rundir.OBSERVATIONS_DIR

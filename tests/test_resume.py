@@ -82,6 +82,17 @@ def _assert_finished_on_schedule(run_dir: Path, resumed_from: int,
     assert _eval_timesteps(run_dir) == SCHEDULED_EVALS
     with np.load(run_dir / "evaluations.npz") as data:
         assert data["results"].shape == data["ep_lengths"].shape == (len(SCHEDULED_EVALS), 1)
+        # The evaluation monitor: one line per episode of the npz, in order (the evaluations
+        # the resume dropped and redid are not in it twice).
+        monitor = [line.split(",") for line in
+                   (run_dir / "monitor" / "eval.monitor.csv").read_text().splitlines()
+                   if line and not line.startswith(("#", "r,l"))]
+        assert [(float(r), int(n)) for r, n, *_ in monitor] == list(zip(
+            data["results"][:, 0].tolist(), data["ep_lengths"][:, 0].tolist(), strict=True))
+    # Each resumed attempt marked where its training episodes start.
+    for path in (run_dir / "monitor").glob("train_*.monitor.csv"):
+        marks = [line for line in path.read_text().splitlines() if "resumed_from_step" in line]
+        assert marks == [f'#{{"resumed_from_step": {resumed_from}}}'] * (attempts_made - 1)
 
     rows = _metrics(run_dir)
     steps = [int(r["timesteps"]) for r in rows]

@@ -8,7 +8,9 @@ from pathlib import Path
 from agents.rundir import (
     ManifestBuilder,
     checkpoint_path,
+    keep_monitor_episodes,
     monitor_step,
+    resume_mark,
     trim_monitor,
     verify_manifest,
     write_bytes,
@@ -88,3 +90,37 @@ def test_trim_monitor_drops_the_episodes_after_the_resume_point(tmp_path: Path) 
     path.write_text(header + "1.0,400,1.0\n2.0,4")
     assert trim_monitor(path, 10_000, n_envs=2, frame_skip=4) == 0
     assert path.read_text() == header + "1.0,400,1.0\n"
+
+
+def test_trim_monitor_counts_the_frames_since_the_last_resume_mark(tmp_path: Path) -> None:
+    """A resumed attempt resets its envs: the episode each env was playing is never finished,
+    so the frames of the lines above a resume mark do not date the episodes below it."""
+    path = tmp_path / "train_0.monitor.csv"
+    header = '#{"t_start": 1.0, "env_id": "BreakoutNoFrameskip-v4"}\nr,l,t\n'
+    # 2 envs, frame skip 4. A: 800 frames, ends at step 400. Killed mid-episode, resumed from
+    # 512. B: 600 frames, ends at 512 + 300 = 812; C: 520 frames, ends at 512 + 560 = 1072.
+    kept = header + "1.0,800,1.0\n" + resume_mark(512) + "2.0,600,2.0\n"
+    path.write_text(kept + "3.0,520,3.0\n")
+    assert resume_mark(512) == '#{"resumed_from_step": 512}\n'
+    # Resumed again from 1024: C goes (the frames alone, 1920 / 4 x 2 = 960, kept it).
+    assert trim_monitor(path, 1024, n_envs=2, frame_skip=4) == 1
+    assert path.read_text() == kept
+    # Resumed from 400 instead (a newer checkpoint was damaged): B, C and the mark go.
+    path.write_text(kept + "3.0,520,3.0\n")
+    assert trim_monitor(path, 400, n_envs=2, frame_skip=4) == 2
+    assert path.read_text() == header + "1.0,800,1.0\n"
+    # A mark beyond the resume point goes even when no episode follows it.
+    path.write_text(header + "1.0,800,1.0\n" + resume_mark(512))
+    assert trim_monitor(path, 400, n_envs=2, frame_skip=4) == 0
+    assert path.read_text() == header + "1.0,800,1.0\n"
+
+
+def test_keep_monitor_episodes_keeps_the_first_episodes(tmp_path: Path) -> None:
+    path = tmp_path / "eval.monitor.csv"
+    header = '#{"t_start": 1.0, "env_id": "PongNoFrameskip-v4"}\nr,l,t\n'
+    path.write_text(header + "-21,800,1\n-20,900,2\n-19,1000,3\n-18,9")
+    assert keep_monitor_episodes(path, 2) == 1
+    assert path.read_text() == header + "-21,800,1\n-20,900,2\n"
+    assert keep_monitor_episodes(path, 2) == 0  # idempotent
+    assert keep_monitor_episodes(path, 5) == 0
+    assert keep_monitor_episodes(tmp_path / "absent.monitor.csv", 0) == 0

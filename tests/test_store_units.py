@@ -141,6 +141,12 @@ def test_metrics_and_monitor_readers(tmp_path: Path) -> None:
         (8000, "episode_score", -21.0), (8000, "episode_frames", 4000.0),
         (12000, "episode_score", -20.0), (12000, "episode_frames", 2000.0),
         (12800, "episode_score", 3.0), (12800, "episode_frames", 400.0)]
+    # After a resume mark, frames count from the mark's step (12,000 + 400/4*8).
+    monitor.write_text('#{"t_start": 1}\nr,l,t\n-21,4000,1.0\n#{"resumed_from_step": 12000}\n'
+                       '3,400,3\n')
+    assert read_monitor(monitor, n_envs=8, frame_skip=4) == [
+        (8000, "episode_score", -21.0), (8000, "episode_frames", 4000.0),
+        (12800, "episode_score", 3.0), (12800, "episode_frames", 400.0)]
     monitor.write_text('#{"t_start": 1}\nr,l,t\n-21,inf,1.0\n')
     with pytest.raises(ContentError):
         read_monitor(monitor, n_envs=8, frame_skip=4)

@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from agents.rundir import complete_lines, monitor_step
+from agents.rundir import MonitorClock, complete_lines
 from orchestrator.registry.models import Artifact, Evaluation, Job, Metric, utcnow
 
 #: Metric names of the training monitor's episodes (raw game score, frames of the full game).
@@ -156,33 +156,42 @@ def metrics_csv_names(path: Path) -> list[str]:
 
 def read_monitor(path: Path, n_envs: int, frame_skip: int) -> list[tuple[int, str, float]]:
     """A training env's monitor episodes as (timestep, name, value), stamped by
-    agents.rundir.monitor_step (the worker trims them on resume by the same arithmetic)."""
+    agents.rundir.MonitorClock (the worker trims them on resume by the same arithmetic)."""
     try:
         lines = complete_lines(path.read_text()).splitlines()
     except UnicodeDecodeError:
         raise ContentError(f"{path.name} is not text") from None
-    rows = [line for line in lines if line and not line.startswith("#")]
-    if not rows:
-        return []
-    reader = csv.DictReader(rows)
-    if not reader.fieldnames or not {"r", "l"} <= set(reader.fieldnames):
-        raise ContentError(f"{path.name}: expected a monitor CSV with columns r,l,t")
+    clock = MonitorClock(n_envs, frame_skip)
+    header: list[str] | None = None
     out: list[tuple[int, str, float]] = []
-    frames_total = 0
-    for line_no, row in enumerate(reader, start=2):
-        if row.get("r") == "r":  # a header repeated by an appending Monitor
+    for line_no, line in enumerate(lines, start=1):
+        mark = clock.mark_of(line)
+        if mark is not None:
+            clock.restart(mark)
             continue
+        if not line or line.startswith("#"):
+            continue
+        cells = next(csv.reader([line]))
+        if header is None:
+            if not {"r", "l"} <= set(cells):
+                raise ContentError(f"{path.name}: expected a monitor CSV with columns r,l,t")
+            header = cells
+            continue
+        if cells == header:  # a header repeated by an appending Monitor
+            continue
+        row = dict(zip(header, cells, strict=False))
+        if "r" not in row or "l" not in row:  # a short row
+            raise ContentError(f"{path.name} row {line_no}: r and l must be numbers")
         try:
             score = float(row["r"])
             frames = _whole_number(row["l"], "l", MAX_TIMESTEPS)
-        except (TypeError, ValueError) as error:  # TypeError: a short row's missing cell
-            detail = str(error) if isinstance(error, ValueError) else "r and l must be numbers"
-            raise ContentError(f"{path.name} row {line_no}: {detail}") from None
+        except ValueError as error:
+            raise ContentError(f"{path.name} row {line_no}: {error}") from None
         if not math.isfinite(score):
             raise ContentError(f"{path.name} row {line_no}: r {row['r']!r} is not a finite "
                                "score")
-        frames_total += frames
-        timestep = monitor_step(frames_total, n_envs, frame_skip)
+        timestep = clock.end_of(frames)
+        clock.advance(frames)
         if timestep > MAX_TIMESTEPS:
             raise ContentError(f"{path.name} row {line_no}: the episodes add up to step "
                                f"{timestep:,}, beyond {MAX_TIMESTEPS:,}")
