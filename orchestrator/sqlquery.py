@@ -80,13 +80,14 @@ def run_readonly_sql(registry: Registry, sql: str, *, max_rows: int | None = Non
 
 
 def first_keyword(sql: str) -> str:
-    """The statement's first word, upper-cased, past blanks, comments and parentheses.
+    """The statement's first word, upper-cased, past blanks, comments, parentheses and empty
+    statements (`; COPY ...` is one COPY to PostgreSQL, which drops the empty one before it).
 
     Block comments nest (as PostgreSQL reads them): `/* /* */ */ COPY` starts with COPY.
     """
     at = 0
     while at < len(sql):
-        if sql[at].isspace() or sql[at] == "(":
+        if sql[at].isspace() or sql[at] in "(;":
             at += 1
         elif sql.startswith("--", at):
             end = sql.find("\n", at)

@@ -94,7 +94,11 @@ def _file_statements(database_url: str, target: Path) -> list[tuple[str, str]]:
                 (f"  /* why */ -- not\n(ATTACH '{target}' AS y)", "ATTACH")]
     return [(f"COPY (SELECT 1) TO '{target}'", "COPY"),
             (f"/* /* nested */ */ COPY runs TO '{target}'", "COPY"),
-            (f"DO $$ BEGIN EXECUTE 'COPY (SELECT 1) TO ''{target}'''; END $$", "DO")]
+            (f"DO $$ BEGIN EXECUTE 'COPY (SELECT 1) TO ''{target}'''; END $$", "DO"),
+            # An empty statement first: PostgreSQL drops it and runs one COPY.
+            (f"; COPY (SELECT 42) TO '{target}'", "COPY"),
+            (f" ;; /* x */ ; DO $$ BEGIN EXECUTE 'COPY (SELECT 1) TO ''{target}'''; END $$",
+             "DO")]
 
 
 def test_statements_that_write_files_are_refused(workspace: Path, database_url: str,
