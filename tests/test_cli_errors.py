@@ -282,3 +282,58 @@ def test_an_experiment_the_registry_does_not_hold_is_one_line(
     assert "experiment name '' is not valid" in _one_line(capsys.readouterr().err)
     assert _states(capsys) == before
     assert run([*command, "--experiment", "main"]) in (0, 1)  # the real name still works
+
+
+def test_a_database_holding_tables_satrl_did_not_create_is_one_line(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """On PostgreSQL this was a 130-line traceback (psycopg's DuplicateTable is a
+    ProgrammingError); on SQLite it was one line already."""
+    from sqlalchemy import create_engine, text
+
+    from orchestrator.cli import run
+
+    if database_url.startswith("sqlite:///"):
+        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE events (x INTEGER)"))
+    engine.dispose()
+    capsys.readouterr()
+    assert run(["db", "upgrade"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("satrl: cannot use the registry at ") and "events" in line, line
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_role_without_write_rights_is_one_line_on_postgresql(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lab's read-only role (GRANT SELECT only): psycopg's InsufficientPrivilege."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    from orchestrator.cli import run
+    from orchestrator.settings import settings
+
+    assert run(["db", "upgrade"]) == 0
+    role = f"satrl_ro_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE ROLE {role} LOGIN"))
+        connection.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+    try:
+        monkeypatch.setenv("SATRL_DATABASE_URL", make_url(database_url).set(
+            username=role).render_as_string(hide_password=False))
+        settings.cache_clear()
+        capsys.readouterr()
+        assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1"]) == 1
+        line = _one_line(capsys.readouterr().err)
+        assert "cannot use the registry at " in line and "permission denied" in line, line
+    finally:
+        settings.cache_clear()
+        with engine.connect() as connection:
+            connection.execute(text(f"REASSIGN OWNED BY {role} TO postgres"))
+            connection.execute(text(f"DROP OWNED BY {role}"))
+            connection.execute(text(f"DROP ROLE {role}"))
+        engine.dispose()

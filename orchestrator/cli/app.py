@@ -108,10 +108,25 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: PostgreSQL's SQLSTATEs of a registry satrl may not use as it is (its role's rights, or a
+#: database holding tables satrl did not create): the database's state, not satrl's defect.
+#: SQLite reports the same as OperationalError ("attempt to write a readonly database").
+UNUSABLE_REGISTRY_SQLSTATES = frozenset({
+    "42501",  # insufficient_privilege
+    "42P07",  # duplicate_table
+    "42P06",  # duplicate_schema
+    "42710",  # duplicate_object
+})
+
+
 def _unreachable_registry(error: Exception) -> str | None:
-    """One line for a registry that cannot be reached or opened, else None."""
+    """One line for a registry that cannot be reached, opened or used, else None."""
     exc = sys.modules.get("sqlalchemy.exc")
-    if exc is None or not isinstance(error, exc.OperationalError | exc.InterfaceError):
+    if exc is None:
+        return None
+    unusable = isinstance(error, exc.DBAPIError) and getattr(
+        error.orig, "sqlstate", None) in UNUSABLE_REGISTRY_SQLSTATES
+    if not (unusable or isinstance(error, exc.OperationalError | exc.InterfaceError)):
         return None
     from sqlalchemy.engine import make_url
 
