@@ -134,7 +134,7 @@ def load_settings(start: Path | None = None) -> Settings:
     url = os.environ.get("SATRL_DATABASE_URL") or registry.get("url")
     if not url:
         url = f"sqlite:///{workspace / '.satrl' / 'satrl.db'}"
-    url = normalise_database_url(url)
+    url = normalise_database_url(_sqlite_in_workspace(workspace, url))
     store = os.environ.get("SATRL_STORE") or paths.get("store", "store")
     scratch = os.environ.get("SATRL_SCRATCH") or paths.get("scratch", "runs")
     return Settings(
@@ -146,6 +146,19 @@ def load_settings(start: Path | None = None) -> Settings:
         experiment=os.environ.get("SATRL_EXPERIMENT") or raw.get("experiment", "main"),
         raw=raw,
     )
+
+
+def _sqlite_in_workspace(workspace: Path, url: str) -> str:
+    """A SQLite URL's relative or `~` path resolved as store and scratch are, against the
+    workspace: `sqlite:///reg.db` run from a subfolder must not start a second registry there.
+    In-memory and `file:` URI forms are left as they are."""
+    scheme, separator, rest = url.partition(":///")
+    if not separator or not scheme.startswith("sqlite"):
+        return url
+    path, question, query = rest.partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return url
+    return f"{scheme}:///{_path(workspace, path)}{question}{query}"
 
 
 def normalise_database_url(url: str) -> str:

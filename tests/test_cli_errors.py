@@ -337,3 +337,25 @@ def test_a_role_without_write_rights_is_one_line_on_postgresql(
             connection.execute(text(f"DROP OWNED BY {role}"))
             connection.execute(text(f"DROP ROLE {role}"))
         engine.dispose()
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("sqlite:///reg.db", "sqlite:///{ws}/reg.db"),
+    ("sqlite:///db/reg.db?timeout=5", "sqlite:///{ws}/db/reg.db?timeout=5"),
+    ("sqlite:////abs/reg.db", "sqlite:////abs/reg.db"),
+    ("sqlite:///~/reg.db", "sqlite:///{home}/reg.db"),
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+])
+def test_a_relative_sqlite_url_in_satrl_toml_is_the_workspaces_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, expected: str) -> None:
+    """Run from a subfolder, `sqlite:///reg.db` made a second, empty registry there."""
+    from orchestrator.settings import load_settings
+
+    (tmp_path / "satrl.toml").write_text(f'[registry]\nurl = "{url}"\n')
+    deeper = tmp_path / "sub" / "deeper"
+    deeper.mkdir(parents=True)
+    for name in ("SATRL_HOME", "SATRL_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_settings(deeper).database_url == expected.format(ws=tmp_path.resolve(),
+                                                                 home=tmp_path / "home")
