@@ -59,6 +59,26 @@ def test_queries_and_views_answer(workspace: Path, capsys: pytest.CaptureFixture
     assert rows == [{"n": 5}]
 
 
+def test_json_keeps_every_column_and_is_strict_json(
+        workspace: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Repeated names kept only the last column; NaN/Infinity and PostgreSQL's numeric
+    (a string) were not JSON a strict parser or another language reads."""
+    assert run(["queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list", "0,1"]) == 0
+    capsys.readouterr()
+    assert run(["sql", "--json", "SELECT COUNT(*) AS n, COUNT(DISTINCT game) AS n, "
+                "1 AS n_2, AVG(seed) AS mean FROM runs"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == [
+        {"n": 4, "n_3": 2, "n_2": 1, "mean": 0.5}]
+    huge = "'NaN'::float8 AS a, 'Infinity'::float8 AS b" if database_url.startswith(
+        "postgresql") else "1e999 AS a, -1e999 AS b"
+    capsys.readouterr()
+    assert run(["sql", "--json", f"SELECT {huge}, 1.5 AS c"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == [
+        {"a": None, "b": None, "c": 1.5}]
+
+
 def test_values_and_names_print_as_they_are(workspace: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Cells are data, not rich markup: '[/]' used to be a traceback, '[command: ...]' vanished."""

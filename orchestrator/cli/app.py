@@ -8,6 +8,7 @@ the result with rich (or `--json`). Heavy imports (SQLAlchemy, torch) happen ins
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -66,8 +67,29 @@ DryRunOpt = Annotated[
 
 
 def print_json(data: Any) -> None:
-    """JSON on stdout, machine-readable (no rich markup, no wrapping)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """JSON on stdout, machine-readable (no rich markup, no wrapping): strict JSON, so a
+    non-finite number is null (json.dumps would write the invalid NaN or Infinity), and a
+    database's exact decimal is a number."""
+    sys.stdout.write(json.dumps(_json_safe(data), indent=2, default=_json_default,
+                                allow_nan=False) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):  # PostgreSQL's numeric, e.g. avg(seed)
+        return float(value) if value.is_finite() else None
+    return str(value)
 
 
 def run(argv: list[str] | None = None) -> int:

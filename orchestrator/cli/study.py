@@ -343,6 +343,20 @@ def show(
         console.print(table)
 
 
+def _unique_names(columns: list[str]) -> list[str]:
+    """Column names as JSON keys: a repeated name gets `_2`, `_3`, ... (`SELECT r.id, e.id`
+    or two `count(...)` kept only the last column)."""
+    taken = set(columns)
+    names: list[str] = []
+    for column in columns:
+        name, n = column, 1
+        while name in names or (n > 1 and name in taken):  # nor another column's own name
+            n += 1
+            name = f"{column}_{n}"
+        names.append(name)
+    return names
+
+
 @app.command()
 def sql(
     statement: Annotated[str, typer.Argument(help="One SQL statement (read-only).")],
@@ -354,7 +368,8 @@ def sql(
 
     result = run_readonly_sql(_registry(), statement)
     if json_:
-        print_json([dict(zip(result.columns, row, strict=True)) for row in result.rows])
+        names = _unique_names(result.columns)
+        print_json([dict(zip(names, row, strict=True)) for row in result.rows])
     elif csv_:
         import csv
         import sys
