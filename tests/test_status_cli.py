@@ -87,6 +87,20 @@ def test_runs_and_show(workspace: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert run(["show", "nonsense"]) == 2
 
 
+def test_runs_json_lists_every_run_and_the_table_says_when_it_stops_short(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json stopped at the table's 200 rows without a word to the script reading it."""
+    assert run(["queue", "--games", "all", "--attn", "all", "--seeds", "1"]) == 0
+    assert len(_json(capsys, "runs")) == 280  # type: ignore[arg-type]
+    assert len(_json(capsys, "runs", "--limit", "7")) == 7  # type: ignore[arg-type]
+    for limit, note in ((None, "(first 200; --limit 0 lists all)"), ("279", "(first 279;"),
+                        ("280", None), ("0", None)):
+        capsys.readouterr()
+        assert run(["runs", *(["--limit", limit] if limit else [])]) == 0
+        out = capsys.readouterr().out
+        assert (note in out) if note else "--limit 0 lists all" not in out, (limit, out[-200:])
+
+
 def test_help_is_fast_because_it_imports_neither_torch_nor_sqlalchemy() -> None:
     code = ("import sys\nfrom orchestrator.cli import run\nrc = run(['--help'])\n"
             "print(rc, 'torch' in sys.modules, 'sqlalchemy' in sys.modules)")

@@ -225,6 +225,10 @@ def _grid(grid: dict[tuple[str, str], Any]) -> Table:
     return table
 
 
+#: Rows `satrl runs` prints in its table unless --limit says otherwise.
+TABLE_ROWS = 200
+
+
 @app.command()
 def runs(
     experiment: AnyExperimentOpt = None,
@@ -232,7 +236,9 @@ def runs(
     attn: AttnOpt = None,
     seed_list: SeedListOpt = None,
     state: StateOpt = None,
-    limit: Annotated[int, typer.Option("--limit", help="At most this many rows (0: all).")] = 200,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="At most this many rows (0: all; default: 200 in the table, all "
+        "with --json).", show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
     """List runs with their state and attempts."""
@@ -241,7 +247,9 @@ def runs(
     from orchestrator.registry.models import Experiment, Run
     from orchestrator.registry.queries import MAX_ID, RunFilter
 
-    if not 0 <= limit <= MAX_ID:  # the database would refuse (PostgreSQL) or overflow (SQLite)
+    if limit is None:  # a script reading --json gets every run unless it asks for fewer
+        limit = 0 if json_ else TABLE_ROWS
+    if not 0 <= limit < MAX_ID:  # the database would refuse (PostgreSQL) or overflow (SQLite)
         raise UsageError(f"--limit takes a number of rows >= 0 (0: all), not {limit}")
 
     run_filter: RunFilter = make_filter(experiment, games, attn, seed_list, state,
@@ -253,10 +261,12 @@ def runs(
         .order_by(Run.id)
     )
     if limit:
-        statement = statement.limit(limit)
+        statement = statement.limit(limit + 1)  # one more: whether there are more
     registry = _registry()
     with registry.session() as session:
         rows = session.execute(statement).all()
+    more = bool(limit) and len(rows) > limit
+    rows = rows[:limit] if more else rows
     keys = ["id", "experiment", "game", "attn", "seed", "state", "attempts", "spec_hash"]
     if json_:
         print_json([dict(zip(keys, row, strict=True)) for row in rows])
@@ -269,7 +279,7 @@ def runs(
         values[7] = Text(row[7][:12])
         table.add_row(*values)
     console.print(table)
-    if limit and len(rows) == limit:
+    if more:
         console.print(f"[dim](first {limit}; --limit 0 lists all)[/dim]")
 
 
