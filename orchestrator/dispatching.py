@@ -52,12 +52,15 @@ from orchestrator.schedulers.base import (
     BatchMember,
     CommandNotStarted,
     Scheduler,
+    config_flag,
     config_number,
 )
 from orchestrator.schedulers.procs import read_json, write_json_atomic
 
 #: Largest array by default (Slurm's default MaxArraySize is 1001; PBS's max_array_size 10000).
 DEFAULT_MAX_ARRAY = 1000
+#: Seconds between two rounds of `dispatch --wait` unless [dispatch] wait_interval_s says.
+DEFAULT_WAIT_INTERVAL_S = 2.0
 #: The worker's deadline margin of a spec without one (agents.spec.RunSpec's default), s.
 DEFAULT_DEADLINE_MARGIN_S = 300.0
 #: What Apptainer's --bind splits a value on (binds by ',', source:destination by ':').
@@ -238,10 +241,11 @@ def check_config(settings: Any, scheduler: Scheduler) -> None:
     config_number(table, "max_array", DEFAULT_MAX_ARRAY, source, minimum=1)
     config_number(table, "max_attempts", DEFAULT_MAX_ATTEMPTS, source, minimum=1)
     config_number(table, "lost_grace_s", DEFAULT_LOST_GRACE_S, source, kind=float)
-    _ = scheduler.poll_interval_s
-    for knob in ("max_parallel", "kill_wait_s"):  # the local backend's own numbers
-        if hasattr(scheduler, knob):
-            getattr(scheduler, knob)
+    config_number(table, "wait_interval_s", DEFAULT_WAIT_INTERVAL_S, source, kind=float,
+                  minimum=0.1)
+    config_flag(table, "auto_requeue", False, source)
+    python_interpreter(settings)
+    scheduler.check_config()
 
 
 def deadline_margin_s(run: Run) -> float:

@@ -41,7 +41,7 @@ from orchestrator.registry.models import (
 )
 from orchestrator.registry.queries import RunFilter
 from orchestrator.schedulers import get_scheduler
-from orchestrator.schedulers.base import JobState, PollResult, config_number
+from orchestrator.schedulers.base import JobState, PollResult, config_flag, config_number
 
 #: Default seconds a job may go unlisted by its scheduler, with no heartbeat, before it is lost.
 DEFAULT_LOST_GRACE_S = 600.0
@@ -127,10 +127,6 @@ class _Tracked:
     unlisted_since: float | None = None
 
 
-def settings_value(settings: Any, key: str, default: Any) -> Any:
-    return settings.section("dispatch").get(key, default)
-
-
 def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = None, *,
               force: bool = False, now: float | None = None,
               auto_requeue: bool | None = None) -> ReconcileResult:
@@ -173,7 +169,8 @@ def reconcile(registry: Registry, settings: Any, run_filter: RunFilter | None = 
         decisions.append(_Round(run, decision, answer, files))
     _write(registry, decisions, result, now)
     if auto_requeue is None:
-        auto_requeue = bool(settings_value(settings, "auto_requeue", False))
+        auto_requeue = config_flag(settings.section("dispatch"), "auto_requeue", False,
+                                   "satrl.toml [dispatch]")
     if auto_requeue:
         _auto_requeue(registry, settings, decisions, result)
     return result

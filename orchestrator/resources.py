@@ -23,6 +23,7 @@ Sources, later ones winning: defaults, satrl.toml `[resources]`, the backend's o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -106,11 +107,36 @@ def _mem_mb(mem_gb: float) -> int:
     return int(math.ceil(mem_gb * 1024))
 
 
+#: A site's name of its GPU resource. Slurm's gres may name a type (`gpu:a100`); a PBS
+#: resource is one word, since a `:` would add another resource to the select chunk.
+SLURM_GRES = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*(:[A-Za-z0-9_.-]+)?")
+PBS_RESOURCE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def resource_name(table: dict[str, Any], key: str, default: str, source: str,
+                  pattern: re.Pattern[str]) -> str:
+    """A GPU resource name of a satrl.toml table, checked: UsageError naming it otherwise
+    (`gres = 5` went into sbatch as `--gres=5:1`)."""
+    value = table.get(key, default)
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise UsageError(f"{source}: {key} must be a resource name such as {default!r}, "
+                         f"not {value!r}")
+    return value
+
+
+def slurm_gres(table: dict[str, Any]) -> str:
+    return resource_name(table, "gres", "gpu", "satrl.toml [slurm]", SLURM_GRES)
+
+
+def pbs_gpu_resource(table: dict[str, Any]) -> str:
+    return resource_name(table, "gpu_resource", "ngpus", "satrl.toml [pbs]", PBS_RESOURCE)
+
+
 def slurm_flags(resources: Resources, table: dict[str, Any]) -> list[str]:
     """sbatch options for `resources` (`table` is satrl.toml's [slurm])."""
     flags = [f"--cpus-per-task={resources.cpus}", f"--time={hms(resources.walltime_s)}"]
     if resources.gpus:
-        flags.append(f"--gres={table.get('gres', 'gpu')}:{resources.gpus}")
+        flags.append(f"--gres={slurm_gres(table)}:{resources.gpus}")
     if resources.mem_gb is not None:
         flags.append(f"--mem={_mem_mb(resources.mem_gb)}M")
     if resources.queue:
@@ -124,7 +150,7 @@ def pbs_flags(resources: Resources, table: dict[str, Any]) -> list[str]:
     """qsub options for `resources` (`table` is satrl.toml's [pbs])."""
     select = f"select=1:ncpus={resources.cpus}"
     if resources.gpus:
-        select += f":{table.get('gpu_resource', 'ngpus')}={resources.gpus}"
+        select += f":{pbs_gpu_resource(table)}={resources.gpus}"
     if resources.mem_gb is not None:
         gb = resources.mem_gb
         select += f":mem={int(gb)}gb" if float(gb).is_integer() else f":mem={_mem_mb(gb)}mb"

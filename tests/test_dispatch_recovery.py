@@ -315,17 +315,50 @@ def test_dispatch_lock_is_shared_by_every_workspace_of_a_postgresql_registry(
      "satrl.toml [local]: poll_interval_s must be a number, not 'x'"),
     ('[local]\nmax_parallel = "x"\n', "",
      "satrl.toml [local]: max_parallel must be a number, not 'x'"),
+    ('[local]\nkill_wait_s = -1\n', "", "satrl.toml [local]: kill_wait_s must be >= 0, not -1"),
+    # Read as true before ("false" is a non-empty string), and auto-requeue went on.
+    ("", 'auto_requeue = "false"',
+     "satrl.toml [dispatch]: auto_requeue must be true or false, not 'false'"),
+    # Went into the job command line as --gres=5:1 / select=1:ncpus=1:ngpus:x=1.
+    ("[slurm]\ngres = 5\n", "--backend=slurm",
+     "satrl.toml [slurm]: gres must be a resource name such as 'gpu', not 5"),
+    ('[slurm]\ngres = ""\n', "--backend=slurm", "gres must be a resource name"),
+    ('[pbs]\ngpu_resource = "ngpus:x"\n', "--backend=pbs",
+     "satrl.toml [pbs]: gpu_resource must be a resource name such as 'ngpus', not 'ngpus:x'"),
 ])
 def test_bad_dispatch_settings_are_one_line_before_anything_is_claimed(
         workspace: Path, capsys: pytest.CaptureFixture[str], toml: str, dispatch: str,
         message: str) -> None:
     run_ids = _queue_four(workspace, capsys)
-    configure(workspace, toml, dispatch=f'backend = "local"\n{dispatch}')
-    code, out, err = cli(capsys, "dispatch")
+    flags = [dispatch] if dispatch.startswith("--") else []
+    configure(workspace, toml, dispatch='backend = "local"\n' + ("" if flags else dispatch))
+    code, out, err = cli(capsys, "dispatch", *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     registry = Registry(settings().database_url)
     assert set(_states(registry).values()) == {"queued"} and _jobs(registry) == {}
     assert len(run_ids) == 4
+    registry.dispose()
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    # Written into the job script as `exec 5 -m agents.train`.
+    ("python = 5", "satrl.toml [dispatch]: python must be the path of an interpreter, not 5"),
+    # `dispatch --wait` failed with a traceback after it had submitted the jobs.
+    ('wait_interval_s = "x"', "satrl.toml [dispatch]: wait_interval_s must be a number"),
+    ("wait_interval_s = 0", "satrl.toml [dispatch]: wait_interval_s must be >= 0.1, not 0"),
+])
+def test_bad_job_settings_are_one_line_before_anything_is_claimed(
+        workspace: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+        ) -> None:
+    _queue_four(workspace, capsys)
+    (workspace / "satrl.toml").write_text(f'[dispatch]\nbackend = "local"\n{setting}\n')
+    settings.cache_clear()
+    for args in (("dispatch", "--wait"), ("dispatch", "--dry-run")):
+        code, out, err = cli(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert message in err
+    registry = Registry(settings().database_url)
+    assert set(_states(registry).values()) == {"queued"} and _jobs(registry) == {}
     registry.dispose()
 
 

@@ -151,11 +151,16 @@ def _wait(registry: Any, run_ids: list[int], json_: bool) -> None:
     """Reconcile until every run has ended, with a progress bar; exit 1 unless all succeeded."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from orchestrator.dispatching import DEFAULT_WAIT_INTERVAL_S
     from orchestrator.reconcile import reconcile
     from orchestrator.registry.queries import RunFilter, status_summary
+    from orchestrator.schedulers.base import config_number
 
     settings = _settings()
-    interval = float(settings.section("dispatch").get("wait_interval_s", 2.0))
+    # Checked by dispatch before it submitted anything (dispatching.check_config).
+    interval = config_number(settings.section("dispatch"), "wait_interval_s",
+                             DEFAULT_WAIT_INTERVAL_S, "satrl.toml [dispatch]", kind=float,
+                             minimum=0.1)
     run_filter = RunFilter(run_ids=tuple(run_ids))
     terminal = ("succeeded", "failed", "cancelled", "lost")
     with Progress(TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(),

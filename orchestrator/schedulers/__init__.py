@@ -21,7 +21,11 @@ def python_interpreter(settings: Any) -> str:
     """The interpreter jobs run the worker with: satrl.toml [dispatch] python, else this one."""
     import sys
 
-    return str(settings.section("dispatch").get("python") or sys.executable)
+    value = settings.section("dispatch").get("python", sys.executable)
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"satrl.toml [dispatch]: python must be the path of an interpreter, "
+                         f"not {value!r}")
+    return value
 
 
 def get_scheduler(name: str, settings: Any) -> Scheduler:

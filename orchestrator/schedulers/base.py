@@ -166,6 +166,15 @@ def config_number(table: dict[str, Any], key: str, default: float, source: str, 
     return int(value) if kind is int else float(value)
 
 
+def config_flag(table: dict[str, Any], key: str, default: bool, source: str) -> bool:
+    """A true/false setting of a satrl.toml table: `auto_requeue = "false"` is refused, not
+    read as true."""
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise UsageError(f"{source}: {key} must be true or false, not {value!r}")
+    return value
+
+
 def _template() -> str:
     return (package_files.files("orchestrator.schedulers") / "templates" / "job.sh.tmpl"
             ).read_text()
@@ -182,6 +191,11 @@ class Scheduler(ABC):
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = dict(config or {})
+
+    def check_config(self) -> None:
+        """Refuse (UsageError) a value of this backend's satrl.toml table that a dispatch
+        would trip over, before anything is claimed; backends add their own settings."""
+        _ = self.poll_interval_s
 
     @property
     def poll_interval_s(self) -> float:

@@ -69,6 +69,10 @@ class LocalScheduler(Scheduler):
         self.batches = batches or Path(".satrl-batches")
         self.python = python or sys.executable
 
+    def check_config(self) -> None:
+        super().check_config()
+        _ = self.max_parallel, self.kill_wait_s
+
     @property
     def max_parallel(self) -> int:
         return int(config_number(self.config, "max_parallel", 1, "satrl.toml [local]",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.errors import SchedulerError
-from orchestrator.resources import pbs_flags
+from orchestrator.resources import pbs_flags, pbs_gpu_resource
 from orchestrator.schedulers.base import (
     Batch,
     JobState,
@@ -80,6 +80,10 @@ def finished_state(exit_status: int | None, comment: str) -> JobState:
 class PbsScheduler(Scheduler):
     name = "pbs"
     index_variable = "PBS_ARRAY_INDEX"
+
+    def check_config(self) -> None:
+        super().check_config()
+        pbs_gpu_resource(self.config)
 
     def submit_command(self, batch: Batch) -> list[str]:
         command = ["qsub", "-N", batch.token]

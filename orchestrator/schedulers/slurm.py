@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from orchestrator.errors import SchedulerError
-from orchestrator.resources import slurm_flags
+from orchestrator.resources import slurm_flags, slurm_gres
 from orchestrator.schedulers.base import (
     Batch,
     JobState,
@@ -49,6 +49,10 @@ FORGOTTEN_JOB = "Invalid job id specified"
 class SlurmScheduler(Scheduler):
     name = "slurm"
     index_variable = "SLURM_ARRAY_TASK_ID"
+
+    def check_config(self) -> None:
+        super().check_config()
+        slurm_gres(self.config)
 
     def submit_command(self, batch: Batch) -> list[str]:
         last = len(batch.members) - 1
