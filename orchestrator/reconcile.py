@@ -72,12 +72,16 @@ class ReconcileResult:
     unreadable: dict[str, str] = field(default_factory=dict)
     requeued: list[int] = field(default_factory=list)
     recovered: int = 0
+    #: Backends whose scheduler was asked and did not answer usably (see errors): the round
+    #: went on with the run directories alone.
+    poll_failed: list[str] = field(default_factory=list)
     #: What the round went past: scheduler failures (it went on with the run directories
     #: alone) and values of run-directory files it could not use (read as absent).
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"polled": self.polled, "recovered": self.recovered, "requeued": self.requeued,
+        return {"polled": self.polled, "poll_failed": self.poll_failed,
+                "recovered": self.recovered, "requeued": self.requeued,
                 "unreadable": self.unreadable, "errors": self.errors,
                 "transitions": [t.__dict__ for t in self.transitions]}
 
@@ -274,6 +278,7 @@ def _poll(registry: Registry, settings: Any, tracked: list[_Tracked], result: Re
             reply: PollResult = scheduler.poll([run.job_id for run in runs if run.job_id])
         except SatrlError as error:
             result.polled[backend] = False
+            result.poll_failed.append(backend)
             result.errors.append(f"{backend}: {error}")
             continue
         result.polled[backend] = True

@@ -210,3 +210,29 @@ def test_dispatch_in_an_image_refuses_a_scratch_path_apptainer_would_split(
     configure(workspace, f'[paths]\nscratch = "{scratch}"\n', dispatch='backend = "pbs"')
     code, out, err = cli(capsys, "dispatch", "--walltime-min", "30")
     assert code == 0 and "dispatched 2 run(s) to pbs" in out, err
+
+
+def test_a_qstat_that_prints_garbage_is_a_warning_and_sync_fails_not_a_rate_limit(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against captured OpenPBS output (qsub), with qstat printing garbage: sync said
+    "no changes (pbs not asked (rate limit))" and exited 0."""
+    _files()
+    folder = tmp_path / "pbs"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    configure(workspace, '[pbs]\npoll_interval_s = 3600\n', dispatch='backend = "pbs"')
+    assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list",
+               "0", *TINY)[0] == 0
+    assert cli(capsys, "dispatch", "--walltime-min", "30")[0] == 0
+    (folder / "reply.json").write_text("<html>Service Unavailable</html>\n")
+    code, out, err = cli(capsys, "sync", "--force")
+    assert code == 1 and "no changes (pbs could not be asked)" in out, (out, err)
+    assert "rate limit" not in out
+    assert err.startswith("warning: pbs: ") and err.strip().splitlines()[-1] == (
+        "satrl: could not ask pbs (see the warning); only the run directories were read")
+    code, out, _ = cli(capsys, "sync", "--force", "--json")
+    result = json.loads(out)
+    assert code == 1
+    assert result["polled"] == {"pbs": False} and result["poll_failed"] == ["pbs"]
+    assert set(states(capsys).values()) == {"submitted"}  # nothing lost for it

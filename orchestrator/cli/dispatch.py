@@ -206,8 +206,11 @@ def sync(
     result = reconcile(_registry(), _settings(), run_filter, force=force)
     if json_:
         print_json(result.to_json())
-        return
-    render_reconcile(result)
+    else:
+        render_reconcile(result)
+    if result.poll_failed:  # the round is not the reconciliation asked for: say so
+        raise SatrlError(f"could not ask {', '.join(result.poll_failed)} (see the warning); "
+                         "only the run directories were read")
 
 
 def render_reconcile(result: Any, *, quiet: bool = False) -> None:
@@ -229,9 +232,15 @@ def render_reconcile(result: Any, *, quiet: bool = False) -> None:
     if result.requeued:
         console.print(f"requeued and dispatched again: {len(result.requeued)} run(s)")
     if not result.transitions and not result.requeued and not result.recovered:
-        asked = ", ".join(f"{b} {'asked' if a else 'not asked (rate limit)'}"
+        asked = ", ".join(f"{b} {_poll_outcome(b, a, result.poll_failed)}"
                           for b, a in result.polled.items())
         console.print(f"no changes{f' ({asked})' if asked else ''}")
+
+
+def _poll_outcome(backend: str, asked: bool, failed: list[str]) -> str:
+    if backend in failed:
+        return "could not be asked"
+    return "asked" if asked else "not asked (rate limit)"
 
 
 @app.command("requeue")
