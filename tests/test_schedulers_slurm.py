@@ -200,12 +200,15 @@ def test_squeue_lines_with_odd_names_and_bytes_are_read(tmp_path: Path,
     _fake_squeue(tmp_path, monkeypatch,
                  b"12_0|RUNNING|node1|satrl-abc|None\n"
                  b"12_[1-2%1]|PENDING||satrl-abc|JobArrayTaskLimit\n"
-                 b"13|RUNNING|node2|caf\xe9 a|b|None\n")
-    reply = SlurmScheduler({}).poll(["12_0", "12_1", "12_2", "13"])
+                 b"13|RUNNING|node2|caf\xe9 a|b|None\n"
+                 b"14_[0-1]|CANCELLED||satrl-abc|JobArrayTaskLimit\n")
+    reply = SlurmScheduler({}).poll(["12_0", "12_1", "12_2", "13", "14_0"])
     assert {k: v.state for k, v in reply.jobs.items()} == {
         "12_0": JobState.RUNNING, "12_1": JobState.PENDING, "12_2": JobState.PENDING,
-        "13": JobState.RUNNING}
+        "13": JobState.RUNNING, "14_0": JobState.CANCELLED}
     assert reply.jobs["12_1"].detail == "JobArrayTaskLimit" and reply.jobs["12_1"].node is None
+    # "None" is no reason; a cancelled job's stale pending reason is not why it ended.
+    assert reply.jobs["12_0"].detail is None and reply.jobs["14_0"].detail is None
     assert reply.jobs["13"].name == "caf\ufffd a"
 
 

@@ -46,6 +46,15 @@ POLL_CHUNK = 500
 FORGOTTEN_JOB = "Invalid job id specified"
 
 
+def _reason(reason: str, state: JobState) -> str | None:
+    """squeue's %r as an event's detail: "None" is no reason, and a cancelled job keeps the
+    reason it was pending for (JobArrayTaskLimit), which is not why it ended."""
+    reason = reason.strip()
+    if not reason or reason == "None" or state == JobState.CANCELLED:
+        return None
+    return reason
+
+
 class SlurmScheduler(Scheduler):
     name = "slurm"
     index_variable = "SLURM_ARRAY_TASK_ID"
@@ -122,8 +131,9 @@ class SlurmScheduler(Scheduler):
         whole_arrays: dict[str, JobStatus] = {}
         for fields in rows:
             raw = fields[1].strip()
-            template = JobStatus("", STATES.get(raw, JobState.UNKNOWN), raw, None,
-                                 fields[2].strip() or None, fields[3], fields[4].strip())
+            state = STATES.get(raw, JobState.UNKNOWN)
+            template = JobStatus("", state, raw, None, fields[2].strip() or None, fields[3],
+                                 _reason(fields[4], state))
             for job_id in expand_ids(fields[0].strip()):
                 if job_id.isdigit():
                     # A whole array in one record (e.g. every task cancelled while pending).
