@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import lzma
 import math
@@ -238,6 +239,19 @@ def check_same_spec(run_dir: Path, spec: RunSpec) -> None:
         )
 
 
+#: OSErrors that are the storage's, not the worker's: a full disk or quota, a read-only or
+#: forbidden folder. One line says which; a traceback would bury it.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_problem(error: BaseException, run_dir: Path) -> str | None:
+    """One line for an error of the storage the run directory is on; None for any other."""
+    if not isinstance(error, OSError) or error.errno not in STORAGE_ERRNOS:
+        return None
+    where = error.filename or run_dir  # a write() to an open file names none
+    return f"cannot write {where}: {error.strerror or os.strerror(error.errno)}"
+
+
 def _error_line(message: str) -> None:
     print(f"satrl worker: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
@@ -398,9 +412,11 @@ class Worker:
             reason, code, message = "failed", EXIT_CODES["failed"], str(error)
             _error_line(message)
         except Exception as error:  # anything: the orchestrator needs an exit.json
-            traceback.print_exc()
+            storage = storage_problem(error, self.run_dir)
+            if storage is None:  # not the disk's fault: the traceback is what a developer needs
+                traceback.print_exc()
             reason, code = "failed", EXIT_CODES["failed"]
-            message = f"{type(error).__name__}: {error}"
+            message = storage or f"{type(error).__name__}: {error}"
             _error_line(message)
         self._finish(reason, code, message)
         print(f"satrl worker: exit {code} ({reason}): {message}", flush=True)

@@ -120,3 +120,18 @@ def test_bad_deadline_is_refused_before_training(tmp_path: Path, deadline: str) 
     assert result.returncode == 2
     assert "SATRL_DEADLINE" in json.loads((run_dir / "exit.json").read_text())["message"]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_full_disk_is_one_line_naming_where(tmp_path: Path) -> None:
+    """A full disk printed a 30-line traceback ending in a bare "OSError: [Errno 28]"."""
+    import errno
+
+    from agents.train import storage_problem
+
+    full = OSError(errno.ENOSPC, "No space left on device")  # write() names no file
+    assert storage_problem(full, tmp_path) == f"cannot write {tmp_path}: No space left on device"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "status.json"))
+    assert storage_problem(denied, tmp_path) == \
+        f"cannot write {tmp_path / 'status.json'}: Permission denied"
+    assert storage_problem(OSError(errno.EIO, "I/O error"), tmp_path) is None
+    assert storage_problem(ValueError("x"), tmp_path) is None
