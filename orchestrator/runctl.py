@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,15 +312,38 @@ class LogFile:
     text: str
 
 
+#: The first line the job script writes into each log (templates/job.sh.tmpl).
+_LOG_HEADER = re.compile(r"satrl job: batch (\S+), index")
+
+
+def _log_batches(folder: Path, numbers: list[int]) -> dict[int, str]:
+    """log number -> the batch its job script named in the log's first line."""
+    found: dict[int, str] = {}
+    for number in numbers:
+        try:
+            with (folder / f"attempt-{number}.out").open(errors="replace") as handle:
+                match = _LOG_HEADER.match(handle.readline())
+        except OSError:
+            continue
+        if match:
+            found[number] = match.group(1)
+    return found
+
+
 def read_logs(registry: Registry, run_ref: str, experiment: str, *, attempt: int | None = None,
               tail: int | None = None, streams: tuple[str, ...] = ("out", "err")
               ) -> list[LogFile]:
-    """The job logs (logs/attempt-<n>.out|.err) of one attempt of a run (default: the newest)."""
+    """The job logs of one attempt of a run (default: the newest), numbered as `satrl show`
+    numbers its jobs. The job script names its files logs/attempt-<n>.out|.err with n the
+    lowest number free, which falls behind the registry's attempts when a job never started
+    (cancelled while pending); each log's first line names its batch, which says its job."""
     from orchestrator.registry.queries import resolve_run
 
     with registry.session() as session:
         run = resolve_run(session, run_ref, experiment)
         run_dir, key = run.run_dir, run.key
+        batches = {job.batch: job.attempt for job in session.scalars(
+            select(Job).where(Job.run_id == run.id).order_by(Job.attempt))}
     if not run_dir:
         raise NotFoundError(f"run {key} has not been dispatched: it has no run directory yet")
     folder = Path(run_dir) / "logs"
@@ -327,16 +351,22 @@ def read_logs(registry: Registry, run_ref: str, experiment: str, *, attempt: int
                      if p.stem.split("-")[1].isdigit()) if folder.is_dir() else []
     if not numbers:
         raise NotFoundError(f"run {key} has no job logs yet in {folder}")
+    # attempt -> log number; a log without a known batch (an older satrl's) keeps its number.
+    logs: dict[int, int] = {}
+    named = _log_batches(folder, numbers)
+    for number in numbers:
+        logs[batches.get(named.get(number, ""), number)] = number
     if attempt is None:
-        attempt = numbers[-1]
-    elif attempt not in numbers:
-        raise UsageError(f"run {key} has no attempt {attempt}; attempts with logs: "
-                         f"{', '.join(map(str, numbers))}")
+        attempt = max(logs, key=lambda a: logs[a])
+    elif attempt not in logs:
+        never = " (its job never started)" if attempt in batches.values() else ""
+        raise UsageError(f"run {key} has no logs of attempt {attempt}{never}; attempts with "
+                         f"logs: {', '.join(map(str, sorted(logs)))}")
     if tail is not None and tail < 0:
         raise UsageError("--tail must be >= 0")
     files = []
     for stream in streams:
-        path = folder / f"attempt-{attempt}.{stream}"
+        path = folder / f"attempt-{logs[attempt]}.{stream}"
         text = path.read_text(errors="replace") if path.is_file() else ""
         if tail is not None:
             lines = text.splitlines(keepends=True)

@@ -710,3 +710,31 @@ def test_one_reply_omitting_a_job_after_a_quiet_hour_does_not_make_it_lost(
     reconcile.reconcile(registry, settings(), force=True, now=now + grace_s + 1)
     assert _states(registry)[run_ids[0]] == "lost"
     registry.dispose()
+
+
+def test_logs_are_numbered_as_show_numbers_the_jobs_when_one_never_started(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Attempt 1 was cancelled while pending (no log), attempt 2 ran and wrote
+    logs/attempt-1.*: `show` said attempt 2, `logs --attempt 2` said there was none."""
+    run_ids = _queue_four(workspace, capsys)
+    registry = Registry(settings().database_url)
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "logs" / "attempt-1.out").write_text(
+        "satrl job: batch satrl-bbbbbbbbbb, index 0, log 1, host h, 2026-12-02T00:00:00Z\n"
+        "trained\n")
+    (run_dir / "logs" / "attempt-1.err").write_text("")
+    with registry.write() as session:
+        session.execute(update(Run).where(Run.id == run_ids[0]).values(
+            run_dir=str(run_dir), attempts=2, state="succeeded"))
+        for attempt, token in ((1, "satrl-aaaaaaaaaa"), (2, "satrl-bbbbbbbbbb")):
+            session.add(Job(run_id=run_ids[0], attempt=attempt, backend="slurm", batch=token,
+                            array_index=0, job_id=f"{attempt}_0"))
+        key = session.get(Run, run_ids[0]).key
+    registry.dispose()
+    for args in ((), ("--attempt", "2")):
+        code, out, err = cli(capsys, "logs", key, "--stream", "out", *args)
+        assert code == 0 and out.endswith("trained\n"), (args, err)
+    code, out, err = cli(capsys, "logs", key, "--attempt", "1")
+    assert code == 2 and "has no logs of attempt 1 (its job never started); attempts with " \
+        "logs: 2" in err, err
