@@ -14,6 +14,7 @@ from orchestrator.errors import NotFoundError, UsageError
 from orchestrator.registry.db import Registry
 from orchestrator.registry.models import Event, Job, Reason, Run, RunState
 from orchestrator.registry.queries import RunFilter
+from orchestrator.resources import Resources, resolve_resources
 from orchestrator.schedulers import get_scheduler
 from orchestrator.schedulers.base import JobState
 
@@ -28,11 +29,16 @@ class RequeueResult:
     skipped: dict[str, str] = field(default_factory=dict)
     #: run ids dispatched again.
     dispatched: list[int] = field(default_factory=list)
+    #: How they go out: (backend, the resources resolved as dispatch will, run keys).
+    groups: list[tuple[str, Resources, list[str]]] = field(default_factory=list)
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"requeued": [{"id": rid, "run": key} for rid, key in self.requeued],
-                "skipped": self.skipped, "dispatched": self.dispatched, "dry_run": self.dry_run}
+                "skipped": self.skipped, "dispatched": self.dispatched,
+                "groups": [{"backend": backend, "resources": resources.to_json(), "runs": keys}
+                           for backend, resources, keys in self.groups],
+                "dry_run": self.dry_run}
 
 
 def _newest_jobs(session: Any, run_ids: list[int]) -> dict[int, Job]:
@@ -94,6 +100,9 @@ def requeue(registry: Registry, settings: Any, run_filter: RunFilter, *,
         by_backend.setdefault(backend or job_backend or settings.backend, []).append(rid)
     groups = [group for name, run_ids in by_backend.items()
               for group in dispatch_groups(registry, settings, run_ids, name, resources)]
+    keys = {rid: key for rid, key, _ in ready}
+    result.groups = [(group.backend, resolve_resources(settings, group.backend, group.resources),
+                      [keys[rid] for rid in group.run_ids]) for group in groups]
     if dispatch_now:
         from orchestrator.dispatching import check_dispatchable
 

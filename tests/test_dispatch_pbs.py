@@ -118,6 +118,11 @@ def test_pbs_dispatch_and_status_against_captured_openpbs_output(
         code, out, err = cli(capsys, "requeue", "--lost", "--walltime-min", "-5", *dry)
         assert code == 2 and "the command line: walltime_min must be >= 0, not -5.0" in err
     assert [states(capsys)[r] for r in refs[1:]] == ["lost"] * 3
+    code, out, err = cli(capsys, "requeue", "--lost", "--walltime-min", "90", "--mem-gb", "4",
+                         "--dry-run")
+    assert code == 0 and "would requeue 3 run(s)" in out
+    assert f"  3 on pbs with cpus 1, gpus 0, mem 4 GB, walltime 01:30:00, queue workq: " \
+        f"{', '.join(refs[1:])}" in out, out
     code, out, err = cli(capsys, "requeue", "--lost", "--walltime-min", "90", "--mem-gb", "4")
     assert code == 0 and "requeued 3 run(s); dispatched 3" in out, err
     third = _calls(folder, "qsub")[2]

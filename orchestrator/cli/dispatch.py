@@ -292,6 +292,23 @@ def requeue_command(
     verb = "would requeue" if dry_run else "requeued"
     console.print(f"{verb} {len(result.requeued)} run(s)"
                   + (f"; dispatched {len(result.dispatched)}" if result.dispatched else ""))
+    if dry_run:  # what the resubmission will ask for, before it does
+        for backend_name, resources, keys in result.groups:
+            console.print(f"  {len(keys)} on {backend_name} with {_describe(resources)}: "
+                          f"{', '.join(keys)}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _describe(resources: Any) -> str:
+    from orchestrator.resources import hms
+
+    parts = [f"cpus {resources.cpus}", f"gpus {resources.gpus}"]
+    if resources.mem_gb is not None:
+        parts.append(f"mem {resources.mem_gb:g} GB")
+    parts.append(f"walltime {hms(resources.walltime_s)}" if resources.walltime_s
+                 else "no walltime")
+    parts += [f"{name} {value}" for name, value in (("queue", resources.queue),
+                                                    ("account", resources.account)) if value]
+    return ", ".join(parts)
 
 
 def check_dispatch_config(settings: Any, backend: str, *, name_only: bool = False) -> None:
