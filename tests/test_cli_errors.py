@@ -359,3 +359,24 @@ def test_a_relative_sqlite_url_in_satrl_toml_is_the_workspaces_file(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert load_settings(deeper).database_url == expected.format(ws=tmp_path.resolve(),
                                                                  home=tmp_path / "home")
+
+
+def test_a_sqlite_uri_url_opens_the_file_and_makes_no_folder_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`sqlite:///file:/x/satrl.db?uri=true` created ./file:/x/ in the current folder."""
+    from orchestrator.cli import run
+    from orchestrator.settings import settings
+
+    database = tmp_path / "reg" / "satrl.db"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("SATRL_HOME", str(here))
+    for url in (f"sqlite:///{database}", f"sqlite:///file:{database}?uri=true"):
+        monkeypatch.setenv("SATRL_DATABASE_URL", url)
+        settings.cache_clear()
+        assert run(["queue", "--games", "Pong", "--attn", "NA", "--seeds", "1"]) == 0
+    settings.cache_clear()
+    assert "already recorded" in capsys.readouterr().out  # the same registry, twice
+    assert not (here / "file:").exists()

@@ -74,7 +74,9 @@ def make_engine(url: str) -> Engine:
     try:
         if parsed.get_backend_name() == "sqlite":
             database = parsed.database
-            if database and database != ":memory:":
+            # `sqlite:///file:/path?uri=true` (the way to open a registry read-only or
+            # immutable) names a URI, not a folder to make in the current one.
+            if database and database != ":memory:" and not database.startswith("file:"):
                 try:
                     Path(database).parent.mkdir(parents=True, exist_ok=True)
                 except OSError as error:
