@@ -447,6 +447,13 @@ class Worker:
 
         spec, run_dir = self.spec, self.run_dir
         assert self.stop is not None
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            # SB3 would fall back to the CPU in silence: a GPU node whose driver is broken
+            # would spend its walltime at a tenth of the speed. `auto` is the fallback.
+            raise WorkerError("device cuda was asked for, but torch sees no CUDA device "
+                              f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                              "device auto trains on the CPU where there is none")
         self.heartbeat = StatusHeartbeat(run_dir, spec.status_every_s, spec.total_timesteps,
                                          self.attempt, self.started_at)
         self.heartbeat.start()

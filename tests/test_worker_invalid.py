@@ -135,3 +135,19 @@ def test_a_full_disk_is_one_line_naming_where(tmp_path: Path) -> None:
         f"cannot write {tmp_path / 'status.json'}: Permission denied"
     assert storage_problem(OSError(errno.EIO, "I/O error"), tmp_path) is None
     assert storage_problem(ValueError("x"), tmp_path) is None
+
+
+def test_device_cuda_without_a_gpu_is_one_line_not_a_silent_cpu_run(tmp_path: Path) -> None:
+    """SB3 trained on the CPU in silence; `auto` is the setting that allows it."""
+    from agents.rundir import write_run_json
+
+    run_dir = tmp_path / "run"
+    write_run_json(run_dir, TINY_SPEC.replace(device="cuda"))
+    result = run_worker(run_dir, env={"CUDA_VISIBLE_DEVICES": ""}, timeout_s=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "device cuda was asked for, but torch sees no CUDA device" \
+        in lines[0], result.stderr
+    exit_info = json.loads((run_dir / "exit.json").read_text())
+    assert exit_info["reason"] == "failed" and "device cuda" in exit_info["message"]
+    assert not (run_dir / "checkpoints").exists()
