@@ -353,6 +353,10 @@ def show(
         console.print(table)
 
 
+#: Rows `satrl sql` lays out as a table; --csv and --json print every row.
+SQL_TABLE_ROWS = 1000
+
+
 def _unique_names(columns: list[str]) -> list[str]:
     """Column names as JSON keys: a repeated name gets `_2`, `_3`, ... (`SELECT r.id, e.id`
     or two `count(...)` kept only the last column)."""
@@ -373,10 +377,16 @@ def sql(
     json_: JsonOpt = False,
     csv_: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
-    """Run read-only SQL over the registry (views: run_scores, game_table)."""
+    """Run read-only SQL over the registry (views: run_scores, game_table).
+
+    The table shows the first 1,000 rows; --csv and --json give them all."""
     from orchestrator.sqlquery import run_readonly_sql
 
-    result = run_readonly_sql(_registry(), statement)
+    # A table of every metrics row would take minutes to lay out (~0.6 ms a row) and hold
+    # them all in memory: the table stops at SQL_TABLE_ROWS and says so.
+    table_only = not (json_ or csv_)
+    result = run_readonly_sql(_registry(), statement,
+                              max_rows=SQL_TABLE_ROWS + 1 if table_only else None)
     if json_:
         names = _unique_names(result.columns)
         print_json([dict(zip(names, row, strict=True)) for row in result.rows])
@@ -392,6 +402,9 @@ def sql(
         table = Table(box=None, header_style="bold")
         for column in result.columns:
             table.add_column(Text(str(column)))
-        for row in result.rows:
+        for row in result.rows[:SQL_TABLE_ROWS]:
             table.add_row(*("" if v is None else Text(str(v)) for v in row))
         console.print(table)
+        if len(result.rows) > SQL_TABLE_ROWS:
+            err_console.print(f"(first {SQL_TABLE_ROWS:,} rows; --csv or --json prints them "
+                              "all)", highlight=False)
