@@ -194,6 +194,16 @@ def test_empty_experiment_and_queued_only_study(registry, workspace, capsys) -> 
     assert run(["report", "-e", "fresh", "--reps", "10"]) == 0
     out = capsys.readouterr().out
     assert "runs without evaluations (2)" in out and "No game has every seed" in out
+    assert "satrl fetch" not in out  # queued runs: nothing to fetch yet
+    # A run that succeeded but was never fetched: the report says how to bring it in.
+    from sqlalchemy import text
+
+    with registry.write() as session:
+        session.execute(text("UPDATE runs SET state = 'succeeded' WHERE attn = 'NA'"))
+    assert run(["report", "-e", "fresh", "--reps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "1 succeeded run(s) have no evaluations in the registry yet: `satrl fetch --all " \
+        "--finished-only` brings them in." in " ".join(out.split())
 
 
 def test_one_attention_type_reports_without_probability_of_improvement(  # type: ignore[no-untyped-def]

@@ -128,6 +128,12 @@ def sections(report: Report) -> list[Section]:
             section.rows.append([Value(f"complete games left out of the aggregates, another "
                                        f"number of seeds ({len(gaps.aggregates_left_out)})",
                                        warn=True), Value(", ".join(gaps.aggregates_left_out))])
+        # A run that finished but whose results never came home is a fetch away, not a gap.
+        unfetched = sum(state == "succeeded" for _, state in gaps.no_evaluations)
+        if unfetched and not study.imported:
+            section.notes.append(f"{unfetched} succeeded run(s) have no evaluations in the "
+                                 "registry yet: `satrl fetch --all --finished-only` brings "
+                                 "them in.")
         out.append(section)
     if gaps.games_not_in_study:
         header.notes.append(f"{len(gaps.games_not_in_study)} of the {len(GAMES)} games are not "
