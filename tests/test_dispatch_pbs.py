@@ -28,18 +28,24 @@ def _stand_ins(folder: Path) -> Path:
     return bin_dir
 
 
+@pytest.fixture
+def pbs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder of the stand-in qsub/qstat, first on PATH; qstat prints its reply.json."""
+    _files()
+    folder = tmp_path / "pbs"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    return folder
+
+
 def _calls(folder: Path, name: str) -> list[str]:
     path = folder / f"{name}.calls"
     return path.read_text().splitlines() if path.exists() else []
 
 
 def test_pbs_dispatch_and_status_against_captured_openpbs_output(
-        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    _files()
-    folder = tmp_path / "pbs"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+        workspace: Path, pbs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = pbs
     configure(workspace, '[pbs]\npoll_interval_s = 3600\nqueue = "workq"\n',
               dispatch='backend = "pbs"\nlost_grace_s = 2')
     assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA,SWA", "--seed-list",
@@ -136,14 +142,10 @@ def test_pbs_dispatch_and_status_against_captured_openpbs_output(
 
 
 def test_a_job_settled_by_its_exit_json_while_pbs_lists_it_running_is_not_left_running(
-        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        workspace: Path, pbs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Against captured OpenPBS output: the run is never polled again once settled, so the
     job's scheduler_state must not stay 'R' (show listed a succeeded run's job as running)."""
-    _files()
-    folder = tmp_path / "pbs"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    folder = pbs
     configure(workspace, '[pbs]\npoll_interval_s = 3600\n', dispatch='backend = "pbs"')
     assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA,SWA", "--seed-list",
                "0", *TINY)[0] == 0
@@ -168,11 +170,8 @@ def _queued_untouched(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
 
 
 def test_dispatch_refuses_a_walltime_within_the_workers_deadline_margin(
-        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "pbs"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+        workspace: Path, pbs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = pbs
     configure(workspace, "", dispatch='backend = "pbs"')
     # The paper's margin (the smoke preset has 30 s).
     assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list", "0",
@@ -191,11 +190,9 @@ def test_dispatch_refuses_a_walltime_within_the_workers_deadline_margin(
 
 @pytest.mark.parametrize("separator", [":", ","])
 def test_dispatch_in_an_image_refuses_a_scratch_path_apptainer_would_split(
-        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, separator: str) -> None:
-    folder = tmp_path / "pbs"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+        workspace: Path, tmp_path: Path, pbs: Path, capsys: pytest.CaptureFixture[str],
+        separator: str) -> None:
+    folder = pbs
     scratch = tmp_path / f"scratch{separator}2024"
     sif = tmp_path / "satrl.sif"  # an image file that exists: only the scratch path is wrong
     sif.write_bytes(b"SIF")
@@ -218,14 +215,10 @@ def test_dispatch_in_an_image_refuses_a_scratch_path_apptainer_would_split(
 
 
 def test_a_qstat_that_prints_garbage_is_a_warning_and_sync_fails_not_a_rate_limit(
-        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        workspace: Path, pbs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Against captured OpenPBS output (qsub), with qstat printing garbage: sync said
     "no changes (pbs not asked (rate limit))" and exited 0."""
-    _files()
-    folder = tmp_path / "pbs"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{_stand_ins(folder)}:{os.environ['PATH']}")
+    folder = pbs
     configure(workspace, '[pbs]\npoll_interval_s = 3600\n', dispatch='backend = "pbs"')
     assert cli(capsys, "queue", "--games", "Pong,Breakout", "--attn", "NA", "--seed-list",
                "0", *TINY)[0] == 0
