@@ -72,7 +72,12 @@ def nearest(word: str, candidates: Iterable[str]) -> str:
     )
     distance, _, best = scored[0]
     limit = max(1, len(best) // 3)
-    return f" (did you mean {best}?)" if distance <= limit else ""
+    if distance <= limit:
+        return f" (did you mean {best}?)"
+    # A long name typed short and wrong (`sucess` for succeeded, `Spaceinvader`): the one
+    # candidate that begins as the word does.
+    begins = [c for c in pool if len(key) >= 4 and c.lower().startswith(key[:3])]
+    return f" (did you mean {begins[0]}?)" if len(begins) == 1 else ""
 
 
 def _edit_distance(a: str, b: str) -> int:

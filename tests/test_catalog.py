@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator import catalog
 from orchestrator.errors import UsageError
+from orchestrator.registry.queries import parse_states
 
 
 def test_catalogue_has_the_studys_56_games_in_five_axis_classes() -> None:
@@ -48,6 +49,9 @@ def test_selections() -> None:
         (lambda: catalog.parse_games("axis:horizontl"), "did you mean horizontal"),
         (lambda: catalog.parse_attn("CWAC"), "did you mean CWCA"),
         (lambda: catalog.parse_attn("SW"), "did you mean SWA"),
+        # Too far for the edit distance, but only one name begins so.
+        (lambda: parse_states("sucess"), "did you mean succeeded"),
+        (lambda: catalog.parse_games("Montezuma"), "did you mean MontezumaRevenge"),
         (lambda: catalog.parse_seeds(6, None), "1..5"),
         (lambda: catalog.parse_seeds(None, "1,x"), "not an integer"),
         (lambda: catalog.parse_games(","), "empty"),
@@ -56,3 +60,11 @@ def test_selections() -> None:
 def test_typos_get_the_nearest_valid_name(call, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(UsageError, match=message):
         call()
+
+
+@pytest.mark.parametrize("word", ["Asterx", "xyzzyq", "Ast", "Astroids"])
+def test_no_suggestion_unless_one_name_is_near_or_begins_so(word: str) -> None:
+    """Asterix and Asteroids both begin `Ast`: neither is suggested for a word far from both."""
+    suggestion = catalog.nearest(word, ["Asterix", "Asteroids", "Pong"])
+    expected = {"Asterx": " (did you mean Asterix?)", "Astroids": " (did you mean Asteroids?)"}
+    assert suggestion == expected.get(word, "")
