@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -225,67 +225,69 @@ class MonitorClock:
         self.frames += frames
 
 
-def trim_monitor(path: Path, step: int, n_envs: int, frame_skip: int) -> int:
-    """Drop a training monitor CSV's episodes that end after agent step `step` (a resume
-    point), and resume marks beyond it: the attempt that played them was cut, and the next one
-    plays that stretch again. Returns the episodes dropped; the file is rewritten (atomically)
-    only when it changes."""
+def _rewrite_monitor(path: Path, choose: Callable[[list[str]], tuple[list[str], int]]) -> int:
+    """Keep the lines of a monitor CSV that `choose` keeps (it returns them and the episodes
+    it dropped); a line cut by a kill goes too, since the next attempt's Monitor appends to
+    this file. The file is rewritten (atomically) only when it changes; returns the episodes
+    dropped."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
         return 0  # nothing readable to trim; the fetch reports a broken file
     lines = complete_lines(text).splitlines(keepends=True)
-    kept, dropped, marks_dropped = [], 0, 0
-    clock = MonitorClock(n_envs, frame_skip)
-    for line in lines:
-        mark = clock.mark_of(line)
-        if mark is not None:
-            if mark > step:
-                marks_dropped += 1
-            else:
-                clock.restart(mark)
-                kept.append(line)
-            continue
-        cells = line.strip().split(",")
-        if line.startswith("#") or cells[:2] == ["r", "l"] or len(cells) < 2:
-            kept.append(line)
-            continue
-        try:
-            frames = int(float(cells[1]))
-        except ValueError:
-            kept.append(line)
-            continue
-        if clock.end_of(frames) > step:
-            dropped += 1
-            continue
-        clock.advance(frames)
-        kept.append(line)
-    # A line cut by the kill goes too: the next attempt's Monitor appends to this file.
-    if dropped or marks_dropped or (text and not text.endswith("\n")):
+    kept, dropped = choose(lines)
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
         write_bytes(path, "".join(kept).encode())
     return dropped
+
+
+def trim_monitor(path: Path, step: int, n_envs: int, frame_skip: int) -> int:
+    """Drop a training monitor CSV's episodes that end after agent step `step` (a resume
+    point), and resume marks beyond it: the attempt that played them was cut, and the next one
+    plays that stretch again. Returns the episodes dropped."""
+    def choose(lines: list[str]) -> tuple[list[str], int]:
+        kept, dropped = [], 0
+        clock = MonitorClock(n_envs, frame_skip)
+        for line in lines:
+            mark = clock.mark_of(line)
+            if mark is not None:
+                if mark <= step:
+                    clock.restart(mark)
+                    kept.append(line)
+                continue
+            cells = line.strip().split(",")
+            if line.startswith("#") or cells[:2] == ["r", "l"] or len(cells) < 2:
+                kept.append(line)
+                continue
+            try:
+                frames = int(float(cells[1]))
+            except ValueError:
+                kept.append(line)
+                continue
+            if clock.end_of(frames) > step:
+                dropped += 1
+                continue
+            clock.advance(frames)
+            kept.append(line)
+        return kept, dropped
+
+    return _rewrite_monitor(path, choose)
 
 
 def keep_monitor_episodes(path: Path, count: int) -> int:
     """Keep the first `count` episodes of a monitor CSV (the evaluation monitor: one line per
-    episode evaluations.npz holds, in order), dropping the rest and a line cut by a kill.
-    Returns the episodes dropped; the file is rewritten (atomically) only when it changes."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return 0
-    kept, episodes, dropped = [], 0, 0
-    for line in complete_lines(text).splitlines(keepends=True):
-        if not line.strip() or line.startswith("#") or line.split(",")[:2] == ["r", "l"]:
-            kept.append(line)
-        elif episodes < count:
-            episodes += 1
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped or (text and not text.endswith("\n")):
-        write_bytes(path, "".join(kept).encode())
-    return dropped
+    episode evaluations.npz holds, in order). Returns the episodes dropped."""
+    def choose(lines: list[str]) -> tuple[list[str], int]:
+        kept, episodes = [], 0
+        for line in lines:
+            if not line.strip() or line.startswith("#") or line.split(",")[:2] == ["r", "l"]:
+                kept.append(line)
+            elif episodes < count:
+                episodes += 1
+                kept.append(line)
+        return kept, len(lines) - len(kept)
+
+    return _rewrite_monitor(path, choose)
 
 
 def file_kind(relative: str) -> str | None:
